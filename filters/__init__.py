@@ -1,0 +1,1 @@
+"""Scorers and the per-task policies that turn stored scores into accept/reject decisions."""

@@ -1,0 +1,62 @@
+"""Heuristic scores that need no model: image quality (sharpness, exposure, clipping, noise) and edit
+consistency (how much changed inside vs outside the edit mask). All on a 0..1 or natural scale, stored
+as floats; the policy decides what is acceptable."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+_ANALYSIS_SIDE = 512  # scores are computed at a fixed scale so thresholds mean the same for any input
+
+
+def _gray(image: np.ndarray) -> np.ndarray:
+    h, w = image.shape[:2]
+    scale = _ANALYSIS_SIDE / min(h, w)
+    if scale < 1:
+        image = cv2.resize(image, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
+    return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float32)
+
+
+def sharpness(gray: np.ndarray) -> float:
+    """Variance of the Laplacian: the classic focus measure (Pech-Pacheco et al. 2000)."""
+    return float(cv2.Laplacian(gray, cv2.CV_32F).var())
+
+
+def noise_sigma(gray: np.ndarray) -> float:
+    """Fast noise estimate (Immerkær 1996): a Laplacian-difference kernel cancels image structure."""
+    kernel = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
+    response = np.abs(cv2.filter2D(gray, cv2.CV_32F, kernel))[1:-1, 1:-1]
+    return float(np.sqrt(np.pi / 2) * response.mean() / 6)
+
+
+def image_scores(image: np.ndarray, suffix: str) -> dict[str, float]:
+    gray = _gray(image)
+    return {
+        f"sharpness_{suffix}": sharpness(gray),
+        f"exposure_{suffix}": float(gray.mean() / 255),
+        f"clipped_{suffix}": float(((gray <= 2) | (gray >= 253)).mean()),
+        f"noise_{suffix}": noise_sigma(gray),
+    }
+
+
+def quality_score(image: np.ndarray) -> float:
+    """A 0..10 stand-in for an aesthetic pre-filter when the source has no score: sharp, well exposed,
+    not clipped. Crude by design; GPU recipes use a learned scorer."""
+    s = image_scores(image, "x")
+    sharp = min(np.log10(1 + s["sharpness_x"]) / 3, 1.0)
+    exposure = 1 - 2 * abs(s["exposure_x"] - 0.5)
+    return float(10 * (0.6 * sharp + 0.4 * exposure) * (1 - s["clipped_x"]))
+
+
+def edit_scores(src: np.ndarray, edited: np.ndarray, mask: np.ndarray | None) -> dict[str, float]:
+    """Mean absolute change (0..1) over the image, and inside/outside the edit mask when there is one."""
+    if edited.shape != src.shape:
+        edited = cv2.resize(edited, (src.shape[1], src.shape[0]), interpolation=cv2.INTER_AREA)
+    diff = np.abs(src.astype(np.int16) - edited.astype(np.int16)).mean(axis=2) / 255
+    scores = {"change_global": float(diff.mean())}
+    if mask is not None:
+        inside = mask.astype(bool)
+        scores["mask_area"] = float(inside.mean())
+        scores["change_inside"] = float(diff[inside].mean()) if inside.any() else 0.0
+        scores["change_outside"] = float(diff[~inside].mean()) if (~inside).any() else 0.0
+    return scores

@@ -1,0 +1,1 @@
+"""Data contract: task taxonomy, pair schema, shard/manifest/ledger I/O, commit protocol. No torch, no Ray."""

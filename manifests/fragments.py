@@ -1,0 +1,81 @@
+"""Stage output fragments: the exactly-once unit between stages.
+
+Each stage (or the fused chain) writes what it produced as Parquet fragments, one per output block, through
+the commit protocol. Fragment names hash the unit ids they hold, so rewriting the same block is idempotent.
+
+Resume. A unit is done in a stage when all the rows it turns into are committed:
+- a row that is already a pair (after the instruct stage) is done when its unit_id is present;
+- a source sample is done when every one of its `fanout` rows is present (it may have been split across
+  fragments, and the process may have died between two of them).
+A rerun recomputes the samples that are not done. Their rows that were committed before the kill come back
+identical (pair ids are deterministic), and readers keep the first copy of each unit id.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from manifests.commit import TMP_MARKER, atomic_write_parquet
+from manifests.schema import stable_hash
+
+
+def write_fragment(directory: Path, table: pa.Table) -> Path:
+    units = sorted(table.column("unit_id").to_pylist())
+    path = Path(directory) / f"frag-{stable_hash(*units, n=24)}.parquet"
+    atomic_write_parquet(path, table)
+    return path
+
+
+def list_fragments(directory: Path) -> list[Path]:
+    directory = Path(directory)
+    if not directory.exists():
+        return []
+    return sorted(p for p in directory.glob("frag-*.parquet") if TMP_MARKER not in p.name)
+
+
+def read_units(directory: Path, columns: list[str] | None = None) -> pa.Table:
+    """All committed rows of a stage, one per unit id (first copy wins, in fragment-name order)."""
+    tables = []
+    for path in list_fragments(directory):
+        table = pq.read_table(path, columns=columns)
+        tables.append(table.append_column("_fragment", pa.array([path.name] * table.num_rows, pa.string())))
+    if not tables:
+        return pa.table({"unit_id": pa.array([], pa.string())})
+    table = pa.concat_tables(tables)
+    first = _first_occurrence(table.column("unit_id").to_pylist())
+    return table.take(pa.array(first, pa.int64()))
+
+
+def _first_occurrence(ids: list[str]) -> list[int]:
+    seen: set[str] = set()
+    keep = []
+    for i, unit in enumerate(ids):
+        if unit not in seen:
+            seen.add(unit)
+            keep.append(i)
+    return keep
+
+
+def done_ids(directory: Path) -> set[str]:
+    """Unit ids and sample ids whose work in this stage is complete."""
+    table = read_units(directory, columns=["unit_id", "sample_id", "fanout"])
+    if table.num_rows == 0:
+        return set()
+    units = table.column("unit_id").to_pylist()
+    samples = table.column("sample_id").to_pylist()
+    fanouts = table.column("fanout").to_pylist()
+    have = Counter(samples)
+    expected = dict(zip(samples, fanouts))
+    complete = {s for s, n in have.items() if n >= (expected[s] or 1)}
+    return set(units) | complete
+
+
+def filter_not_done(table: pa.Table, done: set[str]) -> pa.Table:
+    if not done:
+        return table
+    mask = pc.invert(pc.is_in(table.column("unit_id"), value_set=pa.array(sorted(done), pa.string())))
+    return table.filter(mask)

@@ -1,0 +1,44 @@
+"""The ledger: one row per unit of work with its terminal state.
+
+accepted (the shard that holds it), rejected (stage, reason code, scores, thresholds) or failed (stage,
+error class, message). Units are source samples until the instruct stage fans them out into pairs; a
+source sample therefore appears once if it ended before fan-out, else once per candidate pair.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from manifests.commit import atomic_write_parquet
+from manifests.schema import ACCEPTED, LIVE
+
+LEDGER_COLUMNS = ("unit_id", "sample_id", "pair_id", "status", "stage", "reason", "message", "warnings",
+                  "source_uri", "task", "op", "editor", "instruction_en", "scores", "thresholds",
+                  "t_source", "t_instruct", "t_edit", "t_score")
+LEDGER_NAME = "ledger.parquet"
+
+
+def build_ledger(rows: pa.Table, shard_of: dict[str, str]) -> pa.Table:
+    """Ledger rows from the last stage's rows; live rows are accepted into the shard named in shard_of."""
+    table = rows.select(list(LEDGER_COLUMNS))
+    status = table.column("status").to_pylist()
+    units = table.column("unit_id").to_pylist()
+    missing = [u for u, s in zip(units, status) if s == LIVE and u not in shard_of]
+    if missing:
+        raise ValueError(f"{len(missing)} live units have no shard (first: {missing[0]!r})")
+    final = [ACCEPTED if s == LIVE else s for s in status]
+    shards = [shard_of.get(u) if s == LIVE else None for u, s in zip(units, status)]
+    table = table.set_column(table.schema.get_field_index("status"), "status", pa.array(final, pa.string()))
+    return table.append_column("shard", pa.array(shards, pa.string()))
+
+
+def write_ledger(run_dir: Path, ledger: pa.Table) -> Path:
+    path = Path(run_dir) / LEDGER_NAME
+    atomic_write_parquet(path, ledger)
+    return path
+
+
+def read_ledger(run_dir: Path) -> pa.Table:
+    return pq.read_table(Path(run_dir) / LEDGER_NAME)

@@ -1,0 +1,107 @@
+"""Corpus shards: WebDataset tars plus one Parquet manifest per tar, the manifest being the commit marker.
+
+Tars are written byte-for-byte deterministically (sorted members, fixed mtime/owner/mode), so the same
+pairs always give the same shard checksum, whichever process or run wrote them.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from manifests.commit import atomic_write_bytes, atomic_write_parquet
+
+MANIFEST_SCHEMA = pa.schema([
+    ("pair_id", pa.string()),
+    ("shard", pa.string()),
+    ("sample_id", pa.string()),
+    ("source_uri", pa.string()),
+    ("task", pa.string()),
+    ("task_id", pa.int32()),
+    ("task_zh", pa.string()),
+    ("op", pa.string()),
+    ("editor", pa.string()),
+    ("instruction_en", pa.string()),
+    ("instruction_zh", pa.string()),
+    ("seed", pa.int64()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("has_mask", pa.bool_()),
+    ("members", pa.list_(pa.string())),
+    ("member_sha256", pa.list_(pa.string())),
+    ("scores", pa.string()),  # JSON; also flattened into score_* columns by the pack stage
+    ("recipe_hash", pa.string()),
+])
+
+
+def shard_name(prefix: str, index: int) -> str:
+    return f"{prefix}-{index:06d}"
+
+
+def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o444
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def write_shard(out_dir: Path, name: str, members: list[tuple[str, bytes]], manifest: pa.Table,
+                meta: dict) -> dict:
+    """Write `<name>.tar` then `<name>.parquet` (the commit marker); returns the shard's summary."""
+    data = tar_bytes(members)
+    summary = {"shard": name, "pairs": manifest.num_rows, "bytes": len(data),
+               "sha256": hashlib.sha256(data).hexdigest(), **meta}
+    atomic_write_bytes(Path(out_dir) / f"{name}.tar", data)
+    table = manifest.replace_schema_metadata({b"x2edit": json.dumps(summary).encode()})
+    atomic_write_parquet(Path(out_dir) / f"{name}.parquet", table)
+    return summary
+
+
+def shard_summary(manifest_path: Path) -> dict:
+    meta = pq.read_schema(manifest_path).metadata or {}
+    return json.loads(meta[b"x2edit"])
+
+
+def committed_shards(out_dir: Path, prefix: str) -> dict[str, dict]:
+    """Shards whose manifest exists, by name; a tar without its manifest is not part of the corpus."""
+    return {p.stem: shard_summary(p) for p in sorted(Path(out_dir).glob(f"{prefix}-*.parquet"))}
+
+
+def discard_orphan_tars(out_dir: Path, prefix: str) -> list[Path]:
+    orphans = [p for p in Path(out_dir).glob(f"{prefix}-*.tar") if not p.with_suffix(".parquet").exists()]
+    for p in orphans:
+        p.unlink()
+    return orphans
+
+
+def iter_shard(path: Path) -> Iterator[dict]:
+    """Samples of one corpus shard as {"__key__": key, "<field>": bytes}; members are adjacent by key."""
+    sample: dict = {}
+    with tarfile.open(path, mode="r:") as tar:
+        for info in tar:
+            key, _, field = info.name.partition(".")
+            if sample and sample["__key__"] != key:
+                yield sample
+                sample = {}
+            sample["__key__"] = key
+            sample[field] = tar.extractfile(info).read()
+    if sample:
+        yield sample
+
+
+def read_manifests(out_dir: Path, prefix: str) -> pa.Table:
+    paths = sorted(Path(out_dir).glob(f"{prefix}-*.parquet"))
+    if not paths:
+        return MANIFEST_SCHEMA.empty_table()
+    return pa.concat_tables([pq.read_table(p) for p in paths], promote_options="default")

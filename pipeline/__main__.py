@@ -1,0 +1,41 @@
+"""x2edit pipeline CLI.
+
+    python -m pipeline run --recipe default-cpu --run-dir runs/default            # fused, embedded Ray
+    python -m pipeline run --recipe R --stage source --run-dir D                  # one stage (e.g. a Ray job)
+    ray job submit --working-dir . -- python -m pipeline run --recipe R --stage edit --run-dir D
+
+Stages: source, instruct, edit, score, pack. Rerunning on the same run dir resumes: committed work is
+skipped, uncommitted leftovers are discarded.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from manifests.schema import STAGES
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the pipeline (fused) or one stage")
+    run.add_argument("--recipe", required=True, help="recipe YAML path or shipped recipe name")
+    run.add_argument("--run-dir", required=True)
+    run.add_argument("--stage", choices=STAGES, help="run only this stage (default: all, fused)")
+    run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or an embedded cluster)")
+    args = parser.parse_args(argv)
+
+    from pipeline.recipe import RecipeError
+    from pipeline.run import run as run_pipeline
+
+    try:
+        run_pipeline(args.recipe, args.run_dir, args.stage, args.address)
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

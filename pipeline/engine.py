@@ -1,0 +1,133 @@
+"""The engine: stages as Ray Data actor pools, stage outputs committed as fragments.
+
+The fused run streams source → instruct → edit → score through `map_batches` actor pools (backpressure,
+progress bars, actor restarts) and commits the last stage's rows as fragments. A per-stage job reads the
+previous stage's committed fragments and commits its own. Either way the pack stage reads `stages/score`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray.data
+from ray.data import ActorPoolStrategy
+
+from tqdm import tqdm
+
+from manifests.commit import discard_uncommitted
+from manifests.fragments import done_ids, list_fragments, read_units, write_fragment
+from manifests.ledger import build_ledger
+from manifests.schema import COLUMNS, META_COLUMNS, STAGES
+from manifests.shards import committed_shards, discard_orphan_tars
+from stages.base import Resources, StageContext
+from stages.edit import EditStage
+from stages.instruct import InstructStage
+from stages.pack import PackStage, plan_shards
+from stages.score import ScoreStage
+from stages.source import SourceStage, plan_units
+
+STAGE_CLASSES = {"source": SourceStage, "instruct": InstructStage, "edit": EditStage, "score": ScoreStage}
+CHAIN = ("source", "instruct", "edit", "score")
+
+
+def stage_dir(run_dir: Path, stage: str) -> Path:
+    return Path(run_dir) / "stages" / stage
+
+
+def stage_config(recipe, stage: str):
+    return (recipe.input, recipe.source) if stage == "source" else getattr(recipe, stage)
+
+
+def apply_stage(ds: ray.data.Dataset, cls, cfg, ctx: StageContext, res: Resources, **kwargs) -> ray.data.Dataset:
+    return ds.map_batches(
+        cls, fn_constructor_kwargs={"cfg": cfg, "ctx": ctx, **kwargs}, batch_size=res.batch_size,
+        batch_format="pyarrow", compute=ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
+        num_cpus=res.num_cpus, num_gpus=res.num_gpus or None,
+        max_restarts=res.max_restarts, max_task_retries=res.max_restarts)
+
+
+def commit_fragments(batch: pa.Table, directory: str) -> pa.Table:
+    path = write_fragment(Path(directory), batch)
+    return pa.table({"fragment": [path.name], "rows": [batch.num_rows]})
+
+
+def sink(ds: ray.data.Dataset, out: Path, rows: int) -> int:
+    out.mkdir(parents=True, exist_ok=True)
+    written = ds.map_batches(commit_fragments, fn_kwargs={"directory": str(out)}, batch_size=rows,
+                             batch_format="pyarrow", num_cpus=0.25)
+    return sum(r["rows"] for r in written.iter_rows())
+
+
+def source_dataset(recipe, ctx: StageContext, done: set[str]) -> ray.data.Dataset:
+    units = plan_units(recipe.input)
+    ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
+    return apply_stage(ds, SourceStage, stage_config(recipe, "source"), ctx, recipe.resources.source,
+                       skip=frozenset(done))
+
+
+def run_fused(recipe, ctx: StageContext, run_dir: Path) -> int:
+    """source → instruct → edit → score in one streaming job; returns rows committed by this invocation."""
+    out = stage_dir(run_dir, "score")
+    ds = source_dataset(recipe, ctx, done_ids(out))
+    for stage in CHAIN[1:]:
+        ds = apply_stage(ds, STAGE_CLASSES[stage], stage_config(recipe, stage), ctx,
+                         getattr(recipe.resources, stage))
+    return sink(ds, out, recipe.commit_rows)
+
+
+def load_fragment_rows(batch: pa.Table) -> pa.Table:
+    """Read the kept units of one fragment (the row lists come from the driver's dedup)."""
+    tables = []
+    for path, units in zip(batch.column("path").to_pylist(), batch.column("units").to_pylist()):
+        table = pq.read_table(path, filters=[("unit_id", "in", units)], columns=list(COLUMNS))
+        tables.append(table)
+    return pa.concat_tables(tables)
+
+
+def run_stage(recipe, ctx: StageContext, run_dir: Path, stage: str) -> int:
+    """One stage as its own job: previous stage's committed rows in, this stage's fragments out."""
+    out = stage_dir(run_dir, stage)
+    done = done_ids(out)
+    if stage == "source":
+        return sink(source_dataset(recipe, ctx, done), out, recipe.commit_rows)
+    previous = stage_dir(run_dir, STAGES[STAGES.index(stage) - 1])
+    if not list_fragments(previous):
+        raise FileNotFoundError(f"stage {stage!r} needs the committed output of the previous stage in {previous}")
+    todo = read_units(previous, columns=["unit_id"])
+    by_fragment: dict[str, list[str]] = {}
+    for unit, frag in zip(todo.column("unit_id").to_pylist(), todo.column("_fragment").to_pylist()):
+        if unit not in done:
+            by_fragment.setdefault(str(previous / frag), []).append(unit)
+    if not by_fragment:
+        return 0
+    items = [{"path": p, "units": u} for p, u in sorted(by_fragment.items())]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(load_fragment_rows, batch_size=1, batch_format="pyarrow", num_cpus=0.25)
+    ds = apply_stage(ds, STAGE_CLASSES[stage], stage_config(recipe, stage), ctx, getattr(recipe.resources, stage))
+    return sink(ds, out, recipe.commit_rows)
+
+
+def run_pack(recipe, ctx: StageContext, run_dir: Path) -> tuple[pa.Table, list[dict]]:
+    """Plan the shards, write the ones not yet committed, then the ledger's rows; returns (ledger, shards)."""
+    rows_dir, out = stage_dir(run_dir, "score"), Path(run_dir) / "shards"
+    rows = read_units(rows_dir, columns=list(META_COLUMNS))
+    plans = plan_shards(rows, recipe.pack)
+    out.mkdir(parents=True, exist_ok=True)
+    discard_uncommitted(out)
+    discard_orphan_tars(out, recipe.pack.prefix)
+    committed = committed_shards(out, recipe.pack.prefix)
+    planned = {p["shard"]: p for p in plans}
+    for name, summary in committed.items():
+        if name not in planned or summary.get("plan_hash") != planned[name]["plan_hash"]:
+            raise RuntimeError(f"committed shard {name} in {out} does not match this run's plan "
+                               "(the run dir holds output of other inputs?); use a new run dir")
+    todo = [p for p in plans if p["shard"] not in committed]
+    if todo:
+        ds = ray.data.from_items(todo, override_num_blocks=len(todo))
+        ds = apply_stage(ds, PackStage, recipe.pack, ctx, recipe.resources.pack,
+                         rows_dir=str(rows_dir), out_dir=str(out))
+        for _ in tqdm(ds.iter_rows(), total=len(todo), desc="pack: shards", unit="shard"):
+            pass
+    shard_of = {unit: p["shard"] for p in plans for unit in p["units"]}
+    return build_ledger(rows, shard_of), list(committed_shards(out, recipe.pack.prefix).values())

@@ -1,0 +1,95 @@
+"""Recipes: YAML → typed, validated config. Unknown keys and bad values are errors naming key and file.
+
+Each stage owns the config block it reads (stages/*.py); this module composes them into a recipe.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import yaml
+from pydantic import Field, ValidationError
+
+from manifests.config import Strict
+from stages.base import Resources
+from stages.edit import EditConfig
+from stages.instruct import InstructConfig
+from stages.pack import PackConfig
+from stages.score import ScoreConfig
+from stages.source import InputConfig, SourceConfig
+
+BUILTIN_DIR = Path(__file__).parent / "recipes"
+
+
+class StageResources(Strict):
+    source: Resources = Resources(batch_size=1)  # one read unit per call; the stage streams its samples
+    instruct: Resources = Resources()
+    edit: Resources = Resources()
+    score: Resources = Resources()
+    pack: Resources = Resources(batch_size=1)  # one shard per call
+
+
+class Recipe(Strict):
+    name: str
+    seed: int = 0
+    commit_rows: int = Field(64, ge=1)  # rows per committed fragment: what a kill can cost at most
+    input: InputConfig = InputConfig()
+    source: SourceConfig = SourceConfig()
+    instruct: InstructConfig = InstructConfig()
+    edit: EditConfig = EditConfig()
+    score: ScoreConfig = ScoreConfig()
+    pack: PackConfig = PackConfig()
+    resources: StageResources = StageResources()
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, ensure_ascii=False)
+
+    def hash(self) -> str:
+        """Identity of what a run produces; resources only schedule, so they are left out."""
+        data = self.model_dump(mode="json", exclude={"resources"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class RecipeError(ValueError):
+    pass
+
+
+def resolve_path(spec: str) -> Path:
+    """A recipe file, or the name of a shipped recipe (e.g. `default-cpu`)."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    builtin = BUILTIN_DIR / f"{spec}.yaml"
+    if builtin.is_file():
+        return builtin
+    shipped = ", ".join(sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml")))
+    raise RecipeError(f"recipe {spec!r} not found: not a file, and not a shipped recipe ({shipped})")
+
+
+def load_recipe(spec: str | Path) -> Recipe:
+    path = resolve_path(str(spec))
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    return parse_recipe(data, str(path))
+
+
+def parse_recipe(data: object, origin: str = "<recipe>") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{origin}: a recipe is a mapping, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "<root>"
+            got = f" (got {_short(err['input'])})" if err["type"] != "missing" and "input" in err else ""
+            lines.append(f"{origin}: {key}: {err['msg']}{got}")
+        raise RecipeError("\n".join(lines)) from None
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -1,0 +1,85 @@
+"""The run report: the funnel per stage, accepted pairs per task against the target, time per stage."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+
+from manifests.commit import atomic_write_bytes
+from manifests.schema import ACCEPTED, FAILED, REJECTED
+from manifests.taxonomy import TASKS
+
+
+def funnel(ledger: pa.Table) -> list[dict]:
+    rows = ledger.select(["sample_id", "pair_id", "status", "stage", "reason"]).to_pylist()
+    samples = len({r["sample_id"] for r in rows})
+    pairs = sum(1 for r in rows if r["pair_id"] is not None)
+    out, entering = [], samples
+    for stage in ("source", "instruct", "edit", "score", "pack"):
+        ended = [r for r in rows if r["stage"] == stage and r["status"] in (REJECTED, FAILED)]
+        rejected = Counter(r["reason"] for r in ended if r["status"] == REJECTED)
+        failed = Counter(r["reason"] for r in ended if r["status"] == FAILED)
+        leaving = pairs if stage == "instruct" else entering - len(ended)
+        if stage == "pack":
+            leaving = sum(1 for r in rows if r["status"] == ACCEPTED)
+        out.append({"stage": stage, "in": entering, "out": leaving,
+                    "rejected": dict(rejected.most_common()), "failed": dict(failed.most_common())})
+        entering = leaving
+    return out
+
+
+def build_report(recipe, ledger: pa.Table, shards: list[dict], covered: frozenset[str],
+                 weights: dict[str, float], walls: list[dict]) -> dict:
+    status = Counter(ledger.column("status").to_pylist())
+    accepted_tasks = Counter(t for t, s in zip(ledger.column("task").to_pylist(),
+                                               ledger.column("status").to_pylist()) if s == ACCEPTED)
+    accepted = status.get(ACCEPTED, 0)
+    total_weight = sum(weights.values()) or 1.0
+    per_task = {t: {"accepted": accepted_tasks.get(t, 0),
+                    "share": round(accepted_tasks.get(t, 0) / accepted, 4) if accepted else 0.0,
+                    "target_share": round(weights.get(t, 0.0) / total_weight, 4)}
+                for t in sorted(set(weights) | set(accepted_tasks))}
+    busy = {s: round(sum(v for v in ledger.column(f"t_{s}").to_pylist() if v), 3)
+            for s in ("source", "instruct", "edit", "score")}
+    wall = round(sum(w["wall_s"] for w in walls), 3)
+    warnings = Counter(w.split(":", 1)[0] for ws in ledger.column("warnings").to_pylist() for w in (ws or []))
+    return {
+        "recipe": recipe.name, "recipe_hash": recipe.hash(),
+        "units": dict(status), "accepted": accepted, "funnel": funnel(ledger),
+        "accepted_per_task": per_task,
+        "tasks_not_covered": [t.name for t in TASKS[1:] if t.name not in covered],
+        "shards": {"count": len(shards), "pairs": sum(s["pairs"] for s in shards),
+                   "bytes": sum(s["bytes"] for s in shards)},
+        "busy_seconds_per_stage": busy, "wall_seconds": wall, "invocations": walls,
+        "pairs_per_second": round(accepted / wall, 3) if wall else None,
+        "input_warnings": dict(warnings),
+    }
+
+
+def render_markdown(report: dict) -> str:
+    lines = [f"# Run report — recipe {report['recipe']} ({report['recipe_hash']})", "",
+             f"Accepted pairs: **{report['accepted']}** in {report['shards']['count']} shards "
+             f"({report['shards']['bytes'] / 1e6:.1f} MB); wall {report['wall_seconds']:.1f} s, "
+             f"{report['pairs_per_second']} pairs/s.", "", "## Funnel", "",
+             "| stage | in | out | rejected | failed | busy s |", "|---|---|---|---|---|---|"]
+    for f in report["funnel"]:
+        rej = ", ".join(f"{k} {v}" for k, v in f["rejected"].items()) or "—"
+        fail = ", ".join(f"{k} {v}" for k, v in f["failed"].items()) or "—"
+        busy = report["busy_seconds_per_stage"].get(f["stage"], "")
+        lines.append(f"| {f['stage']} | {f['in']} | {f['out']} | {rej} | {fail} | {busy} |")
+    lines += ["", "## Accepted pairs per task", "", "| task | accepted | share | target |", "|---|---|---|---|"]
+    for task, v in report["accepted_per_task"].items():
+        lines.append(f"| {task} | {v['accepted']} | {v['share']:.1%} | {v['target_share']:.1%} |")
+    lines += ["", "Tasks not covered by the configured editors: " + (", ".join(report["tasks_not_covered"]) or "none")]
+    if report["input_warnings"]:
+        lines += ["", "Input warnings: " + ", ".join(f"{k} {v}" for k, v in report["input_warnings"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(run_dir: Path, report: dict) -> str:
+    text = render_markdown(report)
+    atomic_write_bytes(Path(run_dir) / "report.json", json.dumps(report, indent=2, ensure_ascii=False).encode())
+    atomic_write_bytes(Path(run_dir) / "report.md", text.encode())
+    return text

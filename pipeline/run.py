@@ -1,0 +1,73 @@
+"""The run driver: prepare the run dir, run the fused pipeline or one stage, pack, ledger, report."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import yaml
+
+from manifests.commit import atomic_write_bytes, discard_uncommitted
+from manifests.ledger import write_ledger
+from manifests.schema import STAGES
+from pipeline.recipe import Recipe, load_recipe
+from stages.base import StageContext
+from stages.instruct import task_weights
+from workers.classical_editor import ClassicalEditor
+
+RECIPE_FILE = "recipe.json"
+WALLS_FILE = "invocations.json"
+
+
+def prepare_run_dir(recipe: Recipe, run_dir: Path) -> None:
+    """Record the resolved recipe and its hash; refuse to mix the output of two recipes in one run dir."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    recorded = run_dir / RECIPE_FILE
+    if recorded.exists():
+        previous = json.loads(recorded.read_text())["hash"]
+        if previous != recipe.hash():
+            raise SystemExit(f"{run_dir} was built with recipe hash {previous}, this recipe is {recipe.hash()}; "
+                             "use a new run dir (or the same recipe to resume)")
+    else:
+        body = {"hash": recipe.hash(), "recipe": json.loads(recipe.canonical_json())}
+        atomic_write_bytes(recorded, json.dumps(body, indent=2, ensure_ascii=False).encode())
+        atomic_write_bytes(run_dir / "recipe.yaml", yaml.safe_dump(body["recipe"], allow_unicode=True).encode())
+    for stage in STAGES:
+        discard_uncommitted(run_dir / "stages" / stage)
+
+
+def _log_invocation(run_dir: Path, what: str, wall: float) -> list[dict]:
+    path = run_dir / WALLS_FILE
+    walls = json.loads(path.read_text()) if path.exists() else []
+    walls.append({"what": what, "wall_s": round(wall, 3), "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    atomic_write_bytes(path, json.dumps(walls, indent=1).encode())
+    return walls
+
+
+def run(recipe_spec: str, run_dir: str, stage: str | None = None, address: str | None = None) -> dict | None:
+    from pipeline import engine
+    from pipeline.cluster import connect
+    from pipeline.report import build_report, write_report
+
+    recipe = load_recipe(recipe_spec)
+    root = Path(run_dir).resolve()
+    prepare_run_dir(recipe, root)
+    connect(address)
+    ctx = StageContext(seed=recipe.seed, recipe_hash=recipe.hash(), run_dir=str(root))
+    start = time.perf_counter()
+    if stage in (None, "fused"):
+        n = engine.run_fused(recipe, ctx, root)
+        print(f"[x2edit] stages source→score committed {n} rows")
+    elif stage != "pack":
+        n = engine.run_stage(recipe, ctx, root, stage)
+        print(f"[x2edit] stage {stage}: committed {n} rows")
+        _log_invocation(root, stage, time.perf_counter() - start)
+        return None
+    ledger, shards = engine.run_pack(recipe, ctx, root)
+    write_ledger(root, ledger)
+    walls = _log_invocation(root, stage or "fused", time.perf_counter() - start)
+    editor = ClassicalEditor()
+    report = build_report(recipe, ledger, shards, editor.covers(), task_weights(recipe.instruct, editor.covers()),
+                          walls)
+    print(write_report(root, report))
+    return report

@@ -1,0 +1,109 @@
+"""Instruct stage: choose tasks for each source sample from the recipe's target mix and write bilingual
+instructions for them. One source sample becomes up to `tasks_per_source` candidate pairs.
+
+Balancing is deterministic so that a killed and restarted run makes exactly the same pairs: the tasks'
+weights (target share / expected yield, so tasks that are often rejected are tried more) define a smooth
+weighted round-robin sequence, and a sample at input position p takes its preference order from the
+sequence starting at p·k. Any run of consecutive samples therefore follows the target mix, and a task a
+sample cannot do (no subject for a removal, a grey subject for a recolour) passes to the next task in line.
+"""
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+import numpy as np
+from pydantic import Field, field_validator
+
+from manifests.config import Strict
+from manifests.images import decode_image, encode_mask
+from manifests.mix import smooth_wrr
+from manifests.schema import REJECTED, make_pair_id, stable_seed
+from manifests.taxonomy import task_by_name
+from stages.base import Stage, end_row
+from workers.classical_editor import ClassicalEditor
+from workers.rule_instructor import RuleInstructor
+
+SEQUENCE_LENGTH = 1009  # prime, so positions p·k wrap around the whole sequence
+MAX_DECODE_PIXELS = 1 << 28  # src was already checked and resized by the source stage
+
+
+class SubjectGate(Strict):
+    min_area: float = Field(0.02, ge=0, le=1)  # reference deletion script: mask covers 2–35 % of the image
+    max_area: float = Field(0.35, ge=0, le=1)
+
+
+class InstructConfig(Strict):
+    backend: Literal["rule_based"] = "rule_based"
+    tasks_per_source: int = Field(3, ge=1, le=15)
+    target_mix: dict[str, float] = {}  # task → weight; empty = equal over the tasks the editor covers
+    expected_yield: dict[str, float] = {}  # task → expected acceptance rate in (0, 1]
+    subject: SubjectGate = SubjectGate()
+
+    @field_validator("target_mix", "expected_yield")
+    @classmethod
+    def _tasks(cls, v: dict[str, float]):
+        for name, w in v.items():
+            task_by_name(name)
+            if w < 0:
+                raise ValueError(f"weight for {name!r} must be >= 0, got {w}")
+        return v
+
+
+def task_weights(cfg: InstructConfig, covered: frozenset[str]) -> dict[str, float]:
+    mix = cfg.target_mix or dict.fromkeys(covered, 1.0)
+    weights = {t: w / max(cfg.expected_yield.get(t, 1.0), 1e-3) for t, w in mix.items() if t in covered}
+    if not any(w > 0 for w in weights.values()):
+        raise ValueError(f"no task of the target mix {sorted(mix)} is covered by the editor ({sorted(covered)})")
+    return weights
+
+
+def preference(sequence: list[str], position: int, k: int) -> list[str]:
+    """Tasks in the order a sample at this position should try them (each task once)."""
+    order: list[str] = []
+    start = position * k
+    for i in range(len(sequence)):
+        task = sequence[(start + i) % len(sequence)]
+        if task not in order:
+            order.append(task)
+    return order
+
+
+class InstructStage(Stage):
+    name = "instruct"
+    requires = ("src", "position")
+    adds = ("pair_id", "task", "task_id", "op", "params", "instruction_en", "instruction_zh", "seed")
+
+    def __init__(self, cfg: InstructConfig, ctx):
+        super().__init__(cfg, ctx)
+        self.editor_name = ClassicalEditor.name
+        self.sequence = smooth_wrr(task_weights(cfg, ClassicalEditor().covers()), SEQUENCE_LENGTH)
+        self.worker = RuleInstructor(cfg.subject.min_area, cfg.subject.max_area)
+
+    def process_row(self, row: dict) -> list[dict]:
+        image = decode_image(row["src"], max_pixels=MAX_DECODE_PIXELS)
+        subject = self.worker.analyze(image)
+        k = self.cfg.tasks_per_source
+        sample_seed = stable_seed(self.ctx.seed, row["sample_id"])
+        proposals = self.worker.propose(
+            subject, preference(self.sequence, row["position"], k), k,
+            lambda task: np.random.default_rng(stable_seed(sample_seed, task)))
+        if not proposals:
+            return [end_row(row, REJECTED, self.name, "no_eligible_task",
+                            "no configured editor can do any task of the target mix on this image")]
+        subject_json = None if subject is None else json.dumps(
+            {"color": subject.color, "where": subject.where, "area_frac": round(subject.area_frac, 4),
+             "bbox": list(subject.bbox), "saturation": round(subject.saturation, 4)})
+        subject_mask = None if subject is None else encode_mask(subject.mask)
+        out = []
+        for p in proposals:
+            seed = stable_seed(sample_seed, p.task, p.op)
+            pair_id = make_pair_id(row["sample_id"], p.task, seed, f"{self.editor_name}:{p.op}")
+            task = task_by_name(p.task)
+            out.append({**row, "unit_id": pair_id, "pair_id": pair_id, "fanout": len(proposals),
+                        "task": task.name, "task_id": task.id, "op": p.op, "params": json.dumps(p.params),
+                        "instruction_en": p.instruction_en, "instruction_zh": p.instruction_zh,
+                        "seed": seed, "subject": subject_json, "mask": subject_mask,
+                        "provenance": json.dumps({"instruct": {"worker": self.worker.name,
+                                                               "version": self.worker.version}})})
+        return out

@@ -1,0 +1,1 @@
+"""Model adapters, one file per model family. No Ray in here: stages own the distribution."""
