@@ -137,3 +137,21 @@ def decode_mask(data: bytes) -> np.ndarray:
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def contact_thumb(images: list[bytes], height: int = 96) -> bytes:
+    """A small JPEG of the given (already validated) images side by side, for reports of ended rows."""
+    tiles = []
+    for data in images:
+        with Image.open(io.BytesIO(data), formats=_ALLOWED_FORMATS) as im:
+            im.draft("RGB", (height * 4, height))  # JPEG: decode at reduced scale, much faster
+            im = im.convert("RGB")
+            tiles.append(im.resize((max(1, round(im.width * height / im.height)), height), Image.Resampling.BILINEAR))
+    sheet = Image.new("RGB", (sum(t.width for t in tiles) + 2 * (len(tiles) - 1), height), (255, 255, 255))
+    x = 0
+    for tile in tiles:
+        sheet.paste(tile, (x, 0))
+        x += tile.width + 2
+    out = io.BytesIO()
+    sheet.save(out, "JPEG", quality=80)
+    return out.getvalue()

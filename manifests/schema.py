@@ -52,6 +52,7 @@ ROW_SCHEMA = pa.schema([
     # score
     ("scores", pa.string()),  # JSON {name: float}, every score computed
     ("thresholds", pa.string()),  # JSON of the policy rules applied
+    ("thumb", pa.binary()),  # small JPEG of src | edited, kept when a row ends after its images exist
     # seconds each stage spent on this row (batch time / batch rows)
     ("t_source", pa.float64()),
     ("t_instruct", pa.float64()),

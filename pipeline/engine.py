@@ -40,11 +40,12 @@ def stage_config(recipe, stage: str):
 
 
 def apply_stage(ds: ray.data.Dataset, cls, cfg, ctx: StageContext, res: Resources, **kwargs) -> ray.data.Dataset:
+    # Ray Data restarts a pool actor that dies and retries the batch it held (its default for actor
+    # pools); the rows of a retried batch are deterministic, and readers drop duplicate unit ids.
     return ds.map_batches(
         cls, fn_constructor_kwargs={"cfg": cfg, "ctx": ctx, **kwargs}, batch_size=res.batch_size,
         batch_format="pyarrow", compute=ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
-        num_cpus=res.num_cpus, num_gpus=res.num_gpus or None,
-        max_restarts=res.max_restarts, max_task_retries=res.max_restarts)
+        num_cpus=res.num_cpus, num_gpus=res.num_gpus or None)
 
 
 def commit_fragments(batch: pa.Table, directory: str) -> pa.Table:

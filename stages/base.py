@@ -17,6 +17,7 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from manifests.config import Strict
+from manifests.images import contact_thumb
 from manifests.schema import FAILED, HEAVY_COLUMNS, LIVE, ROW_SCHEMA
 
 
@@ -28,7 +29,6 @@ class Resources(Strict):
     min_actors: int = Field(1, ge=1)
     max_actors: int = Field(2, ge=1)
     batch_size: int = Field(8, ge=1)
-    max_restarts: int = Field(3, ge=0)  # a killed actor is restarted and its batch retried
 
     @model_validator(mode="after")
     def _pool(self):
@@ -49,8 +49,12 @@ class ContractError(RuntimeError):
 
 
 def end_row(row: dict, status: str, stage: str, reason: str, message: str = "") -> dict:
-    """End a row: it keeps its metadata and scores for the ledger and drops its images."""
+    """End a row: it keeps its metadata and scores for the ledger and drops its images (a thumbnail of
+    them stays, so reports can show what was rejected)."""
     out = {**row, "status": status, "stage": stage, "reason": reason, "message": message[:2000]}
+    images = [row[c] for c in ("src", "edited") if row.get(c)]
+    if images and not row.get("thumb"):
+        out["thumb"] = contact_thumb(images)
     for col in HEAVY_COLUMNS:
         out[col] = None
     return out

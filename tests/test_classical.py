@@ -124,6 +124,8 @@ def test_op_changes_image_keeps_size_and_is_deterministic(scene, name):
     if name in REVERSED_OPS:
         assert np.array_equal(out.edited, image)  # the real photograph is the target
         assert not np.array_equal(out.source, image)
+    elif name == "camera.pan":  # two equally zoomed views of the photo, neither is the photo itself
+        assert not np.array_equal(out.source, image) and not np.array_equal(out.edited, image)
     else:
         assert np.array_equal(out.source, image)
     if not op.needs_subject:
@@ -177,8 +179,9 @@ def test_recolor_gives_the_target_colour_word(scene):
     ("left", True, True), ("right", True, False), ("up", False, True), ("down", False, False)])
 def test_pan_moves_the_view_that_way(direction, horizontal, darker):
     image = _ramp(horizontal)
-    edited = OPS["camera.pan"].apply(image, {"direction": direction, "amount": 20}, None).edited
-    assert (edited.mean() < image.mean() - 5) == darker and abs(edited.mean() - image.mean()) > 5
+    out = OPS["camera.pan"].apply(image, {"direction": direction, "amount": 20}, None)
+    change = out.edited.mean() - out.source.mean()
+    assert (change < -5) == darker and abs(change) > 5
 
 
 @pytest.mark.parametrize("direction", ["left", "right"])
@@ -277,8 +280,9 @@ def test_every_sample_decodes_deterministically():
         assert data == load_sample(name)
         with Image.open(io.BytesIO(data)) as decoded:
             assert decoded.mode == "RGB" and min(decoded.size) > 0
-    with pytest.raises(KeyError):
-        load_sample("nowhere-0001")
+    for bad in ("nowhere-0001", "scene-x", "skimage-lily-of-the-valley"):
+        with pytest.raises(KeyError):
+            load_sample(bad)
 
 
 def test_scenes_are_deterministic_and_sized():

@@ -134,11 +134,21 @@ def _zoom_in(image: np.ndarray, params: dict) -> np.ndarray:
     return _crop_resize(image, w * (1 - keep) / 2, h * (1 - keep) / 2, w * keep, h * keep)
 
 
-def _pan(image: np.ndarray, params: dict) -> np.ndarray:
+PAN_WINDOW = 0.75  # both views show 75 % of the photo, so a pan of up to 33 % of the view stays inside it
+
+
+def _pan(image: np.ndarray, params: dict, subject: Subject | None) -> EditOutput:
+    """A pure pan: source and edited are two equally zoomed views of the photo, the edited one moved
+    `amount` % of the view towards `direction` (so the instruction's percentage is exact)."""
     h, w = image.shape[:2]
-    keep = 1 - params["amount"] / 100
-    dx, dy = {"left": (0, 0.5), "right": (1, 0.5), "up": (0.5, 0), "down": (0.5, 1)}[params["direction"]]
-    return _crop_resize(image, dx * w * (1 - keep), dy * h * (1 - keep), w * keep, h * keep)
+    dx, dy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[params["direction"]]
+    shift = params["amount"] / 100 * PAN_WINDOW
+    x0, y0 = (1 - PAN_WINDOW) / 2 - dx * shift / 2, (1 - PAN_WINDOW) / 2 - dy * shift / 2
+
+    def view(x: float, y: float) -> np.ndarray:
+        return _crop_resize(image, x * w, y * h, w * PAN_WINDOW, h * PAN_WINDOW)
+
+    return EditOutput(source=view(x0, y0), edited=view(x0 + dx * shift, y0 + dy * shift), mask=None)
 
 
 def _rotate(image: np.ndarray, params: dict) -> np.ndarray:
@@ -197,7 +207,7 @@ def _edges_to_photo(image: np.ndarray, params: dict, subject: Subject | None) ->
 
 # --- registry -----------------------------------------------------------------------------------------------
 
-def _sampler(**spec: tuple) -> Callable:
+def sampler(**spec: tuple) -> Callable:
     """A params sampler: a (low, high) pair of ints draws an int in [low, high]; strings draw one of them."""
     def sample(rng: np.random.Generator, subject: Subject | None) -> dict:
         return {key: str(rng.choice(options)) if isinstance(options[0], str)
@@ -210,7 +220,7 @@ def _forward(fn: Callable[[np.ndarray, dict], np.ndarray]) -> Callable:
     return lambda image, params, subject: EditOutput(source=image, edited=fn(image, params), mask=None)
 
 
-def _op(name: str, task: str, apply: Callable, sample: Callable = _sampler()) -> EditOp:
+def _op(name: str, task: str, apply: Callable, sample: Callable = sampler()) -> EditOp:
     return EditOp(name=name, task=task, needs_subject=False, sample_params=sample, apply=apply)
 
 
@@ -222,19 +232,19 @@ GLOBAL_OPS: tuple[EditOp, ...] = (
     _op("style.cartoon", "style_change", _forward(_cartoon)),
     _op("tone.warm", "tone_transformation",
         _forward(lambda image, params: _white_balance(image, _WARM_GAINS, params["strength"])),
-        _sampler(strength=(20, 60))),
+        sampler(strength=(20, 60))),
     _op("tone.cool", "tone_transformation",
         _forward(lambda image, params: _white_balance(image, _COOL_GAINS, params["strength"])),
-        _sampler(strength=(20, 60))),
+        sampler(strength=(20, 60))),
     _op("tone.night", "tone_transformation", _forward(_night)),
     _op("tone.day", "tone_transformation", _forward(_day)),
     _op("tone.vintage", "tone_transformation", _forward(_vintage)),
-    _op("camera.zoom_in", "camera_movement", _forward(_zoom_in), _sampler(factor=(20, 60))),
-    _op("camera.zoom_out", "camera_movement", _zoom_out, _sampler(factor=(20, 60))),
-    _op("camera.pan", "camera_movement", _forward(_pan),
-        _sampler(direction=("left", "right", "up", "down"), amount=(10, 25))),
+    _op("camera.zoom_in", "camera_movement", _forward(_zoom_in), sampler(factor=(20, 60))),
+    _op("camera.zoom_out", "camera_movement", _zoom_out, sampler(factor=(20, 60))),
+    _op("camera.pan", "camera_movement", _pan,
+        sampler(direction=("left", "right", "up", "down"), amount=(10, 25))),
     _op("camera.rotate", "camera_movement", _forward(_rotate),
-        _sampler(direction=("clockwise", "counterclockwise"), angle=(5, 20))),
-    _op("camera.perspective", "camera_movement", _forward(_perspective), _sampler(direction=("left", "right"))),
+        sampler(direction=("clockwise", "counterclockwise"), angle=(5, 20))),
+    _op("camera.perspective", "camera_movement", _forward(_perspective), sampler(direction=("left", "right"))),
     _op("low_level.edges_to_photo", "low_level", _edges_to_photo),
 )

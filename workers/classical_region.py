@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 
 from workers.base import COLOR_WORDS, EditOp, EditOutput, Subject
-from workers.classical_global import from_unit, to_unit
+from workers.classical_global import from_unit, sampler, to_unit
 
 CHROMATIC_HUES = {"red": 0.0, "orange": 28.0, "yellow": 55.0, "green": 118.0, "cyan": 180.0,
                   "blue": 225.0, "purple": 270.0, "pink": 310.0}  # HSV hue (degrees) that each word names
@@ -23,6 +23,8 @@ MIN_RECOLOR_SATURATION = 0.25
 FEATHER_FRAC = 0.006  # feather width as a fraction of the short side (about 3 px at 512)
 REMOVAL_DILATE_FRAC = 0.02  # the removal mask grows by this fraction of the short side
 MAX_CLONE_OVERLAP = 0.03  # a cloned patch may reach at most this much back into the hole
+SMOOTH_FRAC = 0.015  # removal: blur (fraction of the short side) separating structure from texture
+COLUMN_FILL_BIAS = 2.0  # removal: how much better a column-wise fill must fit to be chosen over rows
 MAX_SEAM_COST = 0.12  # mean colour difference (0..1) around the hole above which a patch does not fit
 assert set(BACKDROP_RGB) == set(COLOR_WORDS)
 
@@ -43,12 +45,8 @@ def blend(inside: np.ndarray, outside: np.ndarray, alpha: np.ndarray) -> np.ndar
 # --- background_change --------------------------------------------------------------------------------------
 
 def _blur_background(image: np.ndarray, params: dict, subject: Subject) -> EditOutput:
-    """Blur only background pixels (a normalised, masked blur), so the subject's colours do not bleed out."""
-    weight = 1 - subject.mask.astype(np.float32)
-    sigma = params["sigma"]
-    spread = cv2.GaussianBlur(to_unit(image) * weight[..., None], (0, 0), sigma)
-    coverage = cv2.GaussianBlur(weight, (0, 0), sigma)[..., None]
-    blurred = spread / np.maximum(coverage, 1e-4)
+    """Blur only background pixels, so the subject's colours do not bleed into the blurred background."""
+    blurred = masked_blur(to_unit(image), 1 - subject.mask.astype(np.float32), params["sigma"])
     return EditOutput(source=image, edited=blend(image, blurred, feather(subject.mask)), mask=subject.mask)
 
 
@@ -61,17 +59,15 @@ def _replace_background(image: np.ndarray, params: dict, subject: Subject) -> Ed
     return EditOutput(source=image, edited=blend(image, backdrop, feather(subject.mask)), mask=subject.mask)
 
 
-def _sample_backdrop(rng: np.random.Generator, subject: Subject | None) -> dict | None:
-    if subject is None:
-        return None
+def _sample_backdrop(rng: np.random.Generator, subject: Subject) -> dict:
     return {"backdrop": str(rng.choice([word for word in COLOR_WORDS if word != subject.color]))}
 
 
 # --- color_change -------------------------------------------------------------------------------------------
 
-def _sample_recolor(rng: np.random.Generator, subject: Subject | None) -> dict | None:
+def _sample_recolor(rng: np.random.Generator, subject: Subject) -> dict | None:
     """A new chromatic colour, only for subjects whose own colour is clearly chromatic."""
-    if subject is None or subject.saturation < MIN_RECOLOR_SATURATION or subject.color not in CHROMATIC_HUES:
+    if subject.saturation < MIN_RECOLOR_SATURATION or subject.color not in CHROMATIC_HUES:
         return None
     return {"target": str(rng.choice([word for word in CHROMATIC_HUES if word != subject.color]))}
 
@@ -98,22 +94,67 @@ def removal_mask(mask: np.ndarray) -> np.ndarray:
 
 
 def remove_subject(image: np.ndarray, hole: np.ndarray) -> np.ndarray:
-    """Fill `hole` like a healing brush: clone the background beside it, then fade out the seam.
+    """Fill `hole` from its surroundings: a smooth directional fill plus texture from a clean neighbour.
 
-    Diffusion inpainting alone smears a large hole into streaks and breaks lines such as a horizon; a
-    cloned neighbouring patch keeps real texture and structure. The patch rarely matches the colours at the
-    seam, so the seam difference is interpolated smoothly across the hole and added back. Holes with no
-    clean neighbour (a huge subject) fall back to the smooth fill alone.
+    Isotropic inpainting (Telea, Navier-Stokes) bends straight structures such as a horizon into a tent
+    over a large hole. Interpolating along rows (or columns, whichever fits the hole's other two sides
+    better) continues them, and the fine texture the interpolation lacks is borrowed from the best-matching
+    region beside the hole, like a healing brush.
     """
+    sigma = max(1.0, SMOOTH_FRAC * min(hole.shape))
+    valid = 1 - hole.astype(np.float32)
+    smooth = masked_blur(to_unit(image), valid, sigma)  # background-only colours near the hole's edge
+    base = _directional_fill(smooth, hole)
+    unreached = np.isnan(base[..., 0])  # a row and a column both entirely inside the hole
+    if unreached.any():
+        base[unreached] = to_unit(_coarse_inpaint(image, hole))[unreached]
     offset = _clean_offset(image, hole)
-    if offset is None:
-        return _smooth_fill(image, hole)
-    patch = _shift(image, *offset).astype(np.int16)
-    seam = np.clip((image.astype(np.int16) - patch) // 2 + 128, 0, 255).astype(np.uint8)
-    correction = (_smooth_fill(seam, hole).astype(np.int16) - 128) * 2
+    if offset is not None:
+        patch = to_unit(_shift(image, *offset))
+        base += patch - cv2.GaussianBlur(patch, (0, 0), sigma)
     filled = image.copy()
-    filled[hole] = np.clip(patch + correction, 0, 255)[hole]
+    filled[hole] = from_unit(base)[hole]
     return filled
+
+
+def masked_blur(image: np.ndarray, weight: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur of a float image that averages only pixels of positive weight (normalised convolution)."""
+    spread = cv2.GaussianBlur(image * weight[..., None], (0, 0), sigma)
+    coverage = cv2.GaussianBlur(weight, (0, 0), sigma)[..., None]
+    return spread / np.maximum(coverage, 1e-4)
+
+
+def _directional_fill(smooth: np.ndarray, hole: np.ndarray) -> np.ndarray:
+    """Row-wise or column-wise linear interpolation across the hole, whichever disagrees less with the
+    hole's remaining two sides; NaN where the chosen direction finds no edge. Rows win unless columns fit
+    clearly better: horizons, floors, tables and shelves make horizontal structure the common case."""
+    best_cost, best = np.inf, smooth
+    for transpose, bias in ((False, 1.0), (True, COLUMN_FILL_BIAS)):
+        values, mask = (smooth.transpose(1, 0, 2), hole.T) if transpose else (smooth, hole)
+        filled = _row_fill(values, mask)
+        # Compare the fill just inside the hole's top and bottom edges with the pixels just outside.
+        top, bottom = mask[1:] & ~mask[:-1], mask[:-1] & ~mask[1:]
+        misfit = np.concatenate([filled[1:][top] - values[:-1][top], filled[:-1][bottom] - values[1:][bottom]])
+        cost = bias * float(np.nanmean(np.abs(misfit))) if len(misfit) else 0.0
+        if cost < best_cost:
+            best_cost, best = cost, filled.transpose(1, 0, 2) if transpose else filled
+    return best.copy()
+
+
+def _row_fill(values: np.ndarray, hole: np.ndarray) -> np.ndarray:
+    """Each hole pixel linearly interpolated between the nearest non-hole pixels left and right of it."""
+    h, w = hole.shape
+    columns = np.broadcast_to(np.arange(w), (h, w))
+    left = np.maximum.accumulate(np.where(hole, -1, columns), axis=1)
+    right = np.minimum.accumulate(np.where(hole, w, columns)[:, ::-1], axis=1)[:, ::-1]
+    # Inverse-distance weights of the two edges are exactly linear interpolation between them.
+    weight_left = np.where(left >= 0, 1 / np.maximum(columns - left, 1), 0).astype(np.float32)
+    weight_right = np.where(right < w, 1 / np.maximum(right - columns, 1), 0).astype(np.float32)
+    rows = np.arange(h)[:, None]
+    mixed = (values[rows, np.clip(left, 0, w - 1)] * weight_left[..., None]
+             + values[rows, np.clip(right, 0, w - 1)] * weight_right[..., None])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(hole[..., None], mixed / (weight_left + weight_right)[..., None], values)
 
 
 def _clean_offset(image: np.ndarray, hole: np.ndarray) -> tuple[int, int] | None:
@@ -141,8 +182,8 @@ def _shift(image: np.ndarray, dx: int, dy: int) -> np.ndarray:
                           borderMode=cv2.BORDER_REFLECT)
 
 
-def _smooth_fill(image: np.ndarray, hole: np.ndarray) -> np.ndarray:
-    """Telea inpainting on a ~128 px version of the image, upscaled into the hole: smooth, streak-free."""
+def _coarse_inpaint(image: np.ndarray, hole: np.ndarray) -> np.ndarray:
+    """Telea inpainting of a ~128 px version of the image, upscaled: a smooth fallback for any hole."""
     h, w = image.shape[:2]
     factor = max(1, min(h, w) // 128)
     size = (w // factor, h // factor)
@@ -150,9 +191,7 @@ def _smooth_fill(image: np.ndarray, hole: np.ndarray) -> np.ndarray:
     # Any coarse pixel that touches the hole is part of the coarse hole.
     small_hole = (cv2.resize(hole.astype(np.float32), size, interpolation=cv2.INTER_AREA) > 0).astype(np.uint8)
     coarse = cv2.inpaint(small, small_hole, 3, cv2.INPAINT_TELEA)  # channel order does not matter here
-    filled = image.copy()
-    filled[hole] = cv2.resize(coarse, (w, h), interpolation=cv2.INTER_CUBIC)[hole]
-    return filled
+    return cv2.resize(coarse, (w, h), interpolation=cv2.INTER_CUBIC)
 
 
 def _remove(image: np.ndarray, params: dict, subject: Subject) -> EditOutput:
@@ -168,22 +207,19 @@ def _add(image: np.ndarray, params: dict, subject: Subject) -> EditOutput:
 
 # --- registry -----------------------------------------------------------------------------------------------
 
-def _needs_subject(rng: np.random.Generator, subject: Subject | None) -> dict | None:
-    return None if subject is None else {}
-
-
-def _sample_sigma(rng: np.random.Generator, subject: Subject | None) -> dict | None:
-    return None if subject is None else {"sigma": int(rng.integers(6, 17))}
+def _with_subject(sample: Callable) -> Callable:
+    """A params sampler that declines (None) when there is no subject to edit."""
+    return lambda rng, subject: None if subject is None else sample(rng, subject)
 
 
 def _op(name: str, task: str, sample: Callable, apply: Callable) -> EditOp:
-    return EditOp(name=name, task=task, needs_subject=True, sample_params=sample, apply=apply)
+    return EditOp(name=name, task=task, needs_subject=True, sample_params=_with_subject(sample), apply=apply)
 
 
 REGION_OPS: tuple[EditOp, ...] = (
-    _op("background.blur", "background_change", _sample_sigma, _blur_background),
+    _op("background.blur", "background_change", sampler(sigma=(6, 16)), _blur_background),
     _op("background.replace", "background_change", _sample_backdrop, _replace_background),
     _op("color.recolor", "color_change", _sample_recolor, _recolor),
-    _op("removal.inpaint", "subject_removal", _needs_subject, _remove),
-    _op("addition.reverse_inpaint", "subject_addition", _needs_subject, _add),
+    _op("removal.inpaint", "subject_removal", sampler(), _remove),
+    _op("addition.reverse_inpaint", "subject_addition", sampler(), _add),
 )

@@ -12,6 +12,7 @@ object's ground-truth mask, so segmentation can be measured.
 from __future__ import annotations
 
 import functools
+import re
 
 import cv2
 import numpy as np
@@ -34,7 +35,7 @@ def list_samples(n_generated: int) -> list[str]:
 
 def load_sample(name: str) -> bytes:
     """PNG bytes of a sample named by `list_samples`."""
-    if name.startswith("scene-"):
+    if re.fullmatch(r"scene-\d{4,}", name):
         image, _ = generate_scene(int(name.removeprefix("scene-")))
     elif name.startswith("skimage-"):
         image = _skimage_rgb(name.removeprefix("skimage-").replace("-", "_"))
@@ -78,7 +79,6 @@ def generate_scene(index: int) -> tuple[np.ndarray, np.ndarray]:
     h, w = SCENE_SIZES[rng.integers(len(SCENE_SIZES))]
     canvas = _background(rng, h, w)
     mask = _object_mask(rng, h, w)
-    soft = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), 0.8)[..., None]  # anti-aliased edge
     # Soft shadow: the silhouette offset away from a light coming from the upper left or upper right.
     size = np.sqrt(mask.sum())
     offset_x = rng.choice((-1, 1)) * rng.uniform(0.02, 0.05) * size
@@ -86,7 +86,11 @@ def generate_scene(index: int) -> tuple[np.ndarray, np.ndarray]:
     shadow = cv2.warpAffine(mask.astype(np.float32), shift, (w, h))
     shadow = cv2.GaussianBlur(shadow, (0, 0), 0.03 * size)[..., None]
     canvas *= 1 - rng.uniform(0.15, 0.3) * shadow
-    canvas = canvas * (1 - soft) + _object_paint(rng, mask, -np.sign(offset_x)) * soft
+    # Paint the object inside its box (plus the anti-aliased edge) only: most of the frame is background.
+    ys, xs = np.nonzero(mask)
+    box = np.s_[max(ys.min() - 3, 0):ys.max() + 4, max(xs.min() - 3, 0):xs.max() + 4]
+    soft = cv2.GaussianBlur(mask[box].astype(np.float32), (0, 0), 0.8)[..., None]  # anti-aliased edge
+    canvas[box] = canvas[box] * (1 - soft) + _object_paint(rng, mask[box], -np.sign(offset_x)) * soft
     canvas += rng.standard_normal((h, w, 1), dtype=np.float32) * 0.006  # faint sensor grain
     return (np.clip(canvas, 0, 1) * 255).round().astype(np.uint8), mask
 
@@ -110,16 +114,14 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     sky_hue = rng.uniform(195, 225)
     zenith = _hsv_to_rgb(sky_hue, rng.uniform(0.25, 0.55), rng.uniform(0.65, 0.9))
     haze = _hsv_to_rgb(sky_hue, rng.uniform(0.05, 0.2), rng.uniform(0.85, 0.97))
-    sky = zenith + (haze - zenith) * rows
-    sky = sky + 0.03 * _smooth_noise(rng, h, w, 4)[..., None]  # thin clouds
+    sky = zenith + (haze - zenith) * rows + 0.03 * _smooth_noise(rng, h, w, 4)[..., None]  # thin clouds
 
     ground_hue = rng.choice((35.0, 55.0, 90.0, 110.0))  # earth, sand, dry grass, grass
     far = _hsv_to_rgb(ground_hue, rng.uniform(0.2, 0.4), rng.uniform(0.55, 0.7))
     near = _hsv_to_rgb(ground_hue, rng.uniform(0.25, 0.45), rng.uniform(0.3, 0.5))
-    ground = far + (near - far) * rows
     texture = 0.6 * _smooth_noise(rng, h, w, 6) + 0.4 * _smooth_noise(rng, h, w, 40)
-    grain = _smooth_noise(rng, h, w, 200)  # blades, pebbles
-    ground = ground * (1 + 0.08 * texture[..., None] + 0.05 * grain[..., None])
+    texture = 1 + 0.08 * texture + 0.05 * _smooth_noise(rng, h, w, 200)  # + blades, pebbles
+    ground = (far + (near - far) * rows) * texture[..., None]
 
     # A horizon of gentle hills with a ragged fringe of grass or stones along it.
     hills = 0.04 * h * _smooth_noise(rng, 1, w, 5)[0]
@@ -177,17 +179,15 @@ def _object_mask(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 
 
 def _object_paint(rng: np.random.Generator, mask: np.ndarray, light_x: float) -> np.ndarray:
-    """Float RGB paint for the object: a saturated colour shaded by a side light, a rounded rim and grain."""
+    """Float RGB paint for an object whose mask fills this crop: a saturated colour shaded by a side light,
+    a rounded rim and grain."""
     h, w = mask.shape
     colour = _hsv_to_rgb(rng.uniform(0, 360), rng.uniform(0.55, 0.95), rng.uniform(0.6, 0.95))
-    ys, xs = np.nonzero(mask)
-    x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
-    gx = np.linspace(-1, 1, x1 - x0, dtype=np.float32)[None, :] * light_x
-    gy = np.linspace(-1, 1, y1 - y0, dtype=np.float32)[:, None]
-    shade = np.ones((h, w), np.float32)
-    shade[y0:y1, x0:x1] = 1 + 0.12 * (gx - gy) / 2  # lit from the upper side opposite the shadow
+    gx = np.linspace(-1, 1, w, dtype=np.float32)[None, :] * light_x
+    gy = np.linspace(-1, 1, h, dtype=np.float32)[:, None]
+    shade = 1 + 0.12 * (gx - gy) / 2  # lit from the upper side opposite the shadow
     # Darken towards the outline so the object reads as a rounded solid.
     depth = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 3)
-    shade *= 0.8 + 0.2 * np.minimum(depth / (0.15 * np.sqrt(mask.sum())), 1)
+    shade = shade * (0.8 + 0.2 * np.minimum(depth / (0.15 * np.sqrt(mask.sum())), 1))
     shade *= 1 + 0.03 * _smooth_noise(rng, h, w, 24)
     return colour[None, None, :] * shade[..., None]
