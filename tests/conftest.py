@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,11 +27,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _stop_cluster(temp_dir: str) -> None:
+    """Kill this cluster's processes only (`ray stop` would kill every Ray cluster on the machine)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if temp_dir.encode() in (proc / "cmdline").read_bytes():
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue  # the process ended while we looked
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """Address and dashboard URL of a local head node; the test process is connected to it."""
     port, dash = _free_port(), _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="x2t-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     subprocess.run([RAY, "start", "--head", f"--port={port}", "--num-cpus=2", "--node-ip-address=127.0.0.1",
+                    f"--temp-dir={temp_dir}",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
                     "--disable-usage-stats"], check=True, cwd=ROOT, capture_output=True,
                    env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
@@ -41,7 +57,8 @@ def ray_cluster():
     import ray
 
     ray.shutdown()
-    subprocess.run([RAY, "stop", "--force"], check=False, capture_output=True)
+    _stop_cluster(temp_dir)
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture
