@@ -82,10 +82,13 @@ class RawSource(Stage):
 
 
 class Identity(Stage):
-    name = "identity"
+    """Passes rows on unchanged, through the full stage contract (checks, timing, Arrow round trip)."""
 
     def process(self, rows: list[dict]) -> list[dict]:
         return rows
+
+
+IDENTITIES = {s: type(f"Identity{s.title()}", (Identity,), {"name": s}) for s in ("instruct", "edit", "score")}
 
 
 def engine_run(inputs: list[Path], run_dir: Path, shard_size: int) -> None:
@@ -101,8 +104,8 @@ def engine_run(inputs: list[Path], run_dir: Path, shard_size: int) -> None:
     units = [{"uri": str(p), "index": i} for i, p in enumerate(inputs)]
     ds = engine.apply_stage(ray.data.from_items(units, override_num_blocks=len(units)), RawSource, None, ctx,
                             recipe.resources.source)
-    for stage in ("instruct", "edit", "score"):
-        ds = engine.apply_stage(ds, Identity, None, ctx, getattr(recipe.resources, stage))
+    for stage, cls in IDENTITIES.items():
+        ds = engine.apply_stage(ds, cls, None, ctx, getattr(recipe.resources, stage))
     engine.sink(ds, engine.stage_dir(run_dir, "score"), recipe.commit_rows)
     ledger, _ = engine.run_pack(recipe, ctx, run_dir)
     shards = sorted(str(p) for p in (run_dir / "shards").glob("*.tar"))

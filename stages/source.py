@@ -88,14 +88,13 @@ class SourceStage(Stage):
         for unit_row in batch.to_pylist():
             unit = InputUnit(unit_row["kind"], unit_row["uri"], unit_row["index"], tuple(unit_row["members"]))
             rows = []
-            start = time.perf_counter()
             for raw in read_samples(unit, self.input_cfg):
                 if raw.sample_id in self.skip:
                     continue
+                start = time.perf_counter()
                 row = self._row(raw, unit)
                 row["t_source"] = time.perf_counter() - start
                 rows.append(row)
-                start = time.perf_counter()
                 if len(rows) >= EMIT_EVERY:
                     yield self._checked(rows)
                     rows = []

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from manifests.inputs import make_sample_id
 from pipeline.run import run
+from workers.sample_images import list_samples
 from tests.corpus import check_run, pairs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +37,13 @@ def test_fused_run_builds_a_consistent_corpus(reference):
     assert counts["accepted"] == report["accepted"] == len(reference["pairs"]) > 10
     assert len({task for task, _ in reference["pairs"].values()}) >= 5
     funnel = {f["stage"]: f for f in report["funnel"]}
-    assert funnel["source"]["in"] == len({r for r in _ledger_samples(reference["dir"])})
+    inputs = {make_sample_id("samples", name) for name in list_samples(10)}
+    assert set(_ledger_samples(reference["dir"])) == inputs  # every input sample has a terminal state
+    assert funnel["source"]["in"] == len(inputs)
+    for f in report["funnel"]:  # the counts add up at every stage
+        ended = sum(f["rejected"].values()) + sum(f["failed"].values())
+        if f["stage"] != "instruct":  # where one sample becomes several pairs
+            assert f["in"] == f["out"] + ended, f
     assert funnel["pack"]["out"] == report["accepted"]
     assert "text_change" in report["tasks_not_covered"]
     assert (reference["dir"] / "report.md").read_text().startswith("# Run report")
