@@ -109,10 +109,22 @@ def run_stage(recipe, ctx: StageContext, run_dir: Path, stage: str) -> int:
     return sink(ds, out, recipe.commit_rows)
 
 
+def _check_complete(previous: Path, rows: pa.Table) -> None:
+    """In per-stage runs, refuse to pack before the score stage has seen every unit the edit stage made."""
+    if not list_fragments(previous):
+        return  # a fused run: the chain ran to its end before packing
+    missing = set(read_units(previous, columns=["unit_id"]).column("unit_id").to_pylist())
+    missing -= set(rows.column("unit_id").to_pylist())
+    if missing:
+        raise RuntimeError(f"stage 'score' has not finished: {len(missing)} units of stage 'edit' are not scored "
+                           f"(e.g. {sorted(missing)[0]!r}); run --stage score first")
+
+
 def run_pack(recipe, ctx: StageContext, run_dir: Path) -> tuple[pa.Table, list[dict]]:
     """Plan the shards, write the ones not yet committed, then the ledger's rows; returns (ledger, shards)."""
     rows_dir, out = stage_dir(run_dir, "score"), Path(run_dir) / "shards"
     rows = read_units(rows_dir, columns=list(META_COLUMNS))
+    _check_complete(stage_dir(run_dir, "edit"), rows)
     plans = plan_shards(rows, recipe.pack)
     out.mkdir(parents=True, exist_ok=True)
     discard_uncommitted(out)

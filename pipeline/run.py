@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from manifests.commit import atomic_write_bytes, discard_uncommitted
+from manifests.fragments import list_fragments
 from manifests.ledger import write_ledger
 from manifests.schema import STAGES
 from pipeline.recipe import Recipe, load_recipe
@@ -33,7 +34,12 @@ def prepare_run_dir(recipe: Recipe, run_dir: Path) -> None:
         atomic_write_bytes(recorded, json.dumps(body, indent=2, ensure_ascii=False).encode())
         atomic_write_bytes(run_dir / "recipe.yaml", yaml.safe_dump(body["recipe"], allow_unicode=True).encode())
     for stage in STAGES:
-        discard_uncommitted(run_dir / "stages" / stage)
+        removed = discard_uncommitted(run_dir / "stages" / stage)
+        if removed:
+            print(f"[x2edit] discarded {len(removed)} uncommitted leftovers of stage {stage}")
+        committed = list_fragments(run_dir / "stages" / stage)
+        if committed:
+            print(f"[x2edit] resuming: stage {stage} has {len(committed)} committed fragments")
 
 
 def _log_invocation(run_dir: Path, what: str, wall: float) -> list[dict]:
