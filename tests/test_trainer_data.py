@@ -1,0 +1,47 @@
+"""The trainer's reader: corpus shards and reference-format X2Edit shards, by random access."""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+from PIL import Image
+
+from manifests.shards import tar_bytes
+from trainer.data import PairDataset, bucket_for, index_shards
+
+
+def _jpeg(w: int, h: int, value: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (w, h), (value, 255 - value, 0)).save(out, "JPEG")
+    return out.getvalue()
+
+
+def test_reads_corpus_and_reference_layouts(tmp_path):
+    corpus = [("pair-a.json", json.dumps({"task_id": 3, "instruction_en": "Make it an oil painting.",
+                                          "instruction_zh": "油画"}).encode()),
+              ("pair-a.src.jpg", _jpeg(64, 48, 10)), ("pair-a.edited.jpg", _jpeg(64, 48, 200))]
+    (tmp_path / "x2edit-000000.tar").write_bytes(tar_bytes(corpus))
+    reference = [("000000001.1.0.jpg", _jpeg(80, 40, 30)), ("000000001.2.jpg", _jpeg(80, 40, 90)),
+                 ("000000001.json", json.dumps({"task": "删除主体", "instruction": "删除左边的狗"}).encode()),
+                 ("000000002..1.jpg", _jpeg(40, 80, 50)), ("000000002..2.jpg", _jpeg(40, 80, 60)),
+                 ("000000002.json", json.dumps({"task": "Camera Move Editing", "instruction": "Zoom in"}).encode()),
+                 ("000000003.1.0.jpg", _jpeg(40, 40, 70)),  # no target: not a pair
+                 ("000000003.json", b"{}")]
+    (tmp_path / "ref-00000.tar").write_bytes(tar_bytes(reference))
+    pairs = index_shards([str(tmp_path / "*.tar")])
+    assert [(p.key, p.task_id) for p in pairs] == [("000000001", 1), ("000000002", 12), ("pair-a", 3)]
+    assert pairs[0].instruction_zh == "删除左边的狗" and pairs[1].instruction_en == "Zoom in"
+    data = PairDataset(pairs, resolution=32)
+    item = data[2]
+    assert item["source"].shape == item["target"].shape == (3, 32, 32)
+    assert item["source"].dtype == np.float32 and -1 <= item["source"].min() and item["target"].max() <= 1
+    assert item["instruction"] == "Make it an oil painting." and item["task_id"] == 3
+    assert data.task_ids() == [1, 12, 3]
+
+
+def test_buckets():
+    assert bucket_for(900, 600, 512) == (512, 512)
+    assert bucket_for(1000, 1000, 1024) == (1024, 1024)
+    assert bucket_for(1600, 900, 1024) == (752, 1392)  # wide images get a wide bucket
+    assert bucket_for(900, 1600, 1024) == (1392, 752)
