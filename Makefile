@@ -1,32 +1,55 @@
 # The first two commands of the README:  make build-dataset  and  make test.
-VENV    ?= .venv
-PY      := $(VENV)/bin/python
-RECIPE  ?= default-cpu
-RUN_DIR ?= runs/default
+VENV         ?= .venv
+PY           := $(VENV)/bin/python
+RECIPE       ?= default-cpu
+RUN_DIR      ?= runs/default
+TRAIN_RECIPE ?= trainer/recipes/tiny-cpu.yaml
 
 export RAY_AUTH_MODE := disabled
 export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup build-dataset test bench clean
+.PHONY: setup build-dataset train test bench browser clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/bin/python:
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+
+# One stamp per set of extras, remade when pyproject.toml changes.
+$(VENV)/.base: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e .
+	touch $@
+$(VENV)/.train: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e '.[train]'
+	touch $@
+$(VENV)/.test: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e '.[test,train]'
 	touch $@
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.base
 
 # Builds the corpus into $(RUN_DIR); rerunning resumes (committed work is kept, leftovers discarded).
-build-dataset: setup
+build-dataset: $(VENV)/.base
 	$(PY) -m pipeline run --recipe $(RECIPE) --run-dir $(RUN_DIR)
 
-test: setup
+$(RUN_DIR)/ledger.parquet:
+	$(MAKE) build-dataset
+
+# Trains the MoE-LoRA adapter on the corpus of build-dataset (the tiny FLUX on CPU unless TRAIN_RECIPE says).
+train: $(VENV)/.train $(RUN_DIR)/ledger.parquet
+	$(PY) -m trainer.train --recipe $(TRAIN_RECIPE)
+
+# Headless Chromium for the report test (Debian's package; needs root, else that test is skipped).
+browser:
+	@command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium fonts-wqy-microhei; } \
+	  || echo "chromium could not be installed: the browser test will be skipped"
+
+test: $(VENV)/.test browser
 	$(PY) -m pytest -q
 
-bench: setup
+bench: $(VENV)/.test
 	$(PY) -m bench.engine_overhead
+	$(PY) -m bench.moe_dispatch
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs models .pytest_cache

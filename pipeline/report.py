@@ -8,26 +8,9 @@ from pathlib import Path
 import pyarrow as pa
 
 from manifests.commit import atomic_write_bytes
-from manifests.schema import ACCEPTED, FAILED, REJECTED
+from manifests.inspect import funnel
+from manifests.schema import ACCEPTED
 from manifests.taxonomy import TASKS
-
-
-def funnel(ledger: pa.Table) -> list[dict]:
-    rows = ledger.select(["sample_id", "pair_id", "status", "stage", "reason"]).to_pylist()
-    samples = len({r["sample_id"] for r in rows})
-    pairs = sum(1 for r in rows if r["pair_id"] is not None)
-    out, entering = [], samples
-    for stage in ("source", "instruct", "edit", "score", "pack"):
-        ended = [r for r in rows if r["stage"] == stage and r["status"] in (REJECTED, FAILED)]
-        rejected = Counter(r["reason"] for r in ended if r["status"] == REJECTED)
-        failed = Counter(r["reason"] for r in ended if r["status"] == FAILED)
-        leaving = pairs if stage == "instruct" else entering - len(ended)
-        if stage == "pack":
-            leaving = sum(1 for r in rows if r["status"] == ACCEPTED)
-        out.append({"stage": stage, "in": entering, "out": leaving,
-                    "rejected": dict(rejected.most_common()), "failed": dict(failed.most_common())})
-        entering = leaving
-    return out
 
 
 def build_report(recipe, ledger: pa.Table, shards: list[dict], covered: frozenset[str],

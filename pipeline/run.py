@@ -9,6 +9,7 @@ import yaml
 
 from manifests.commit import atomic_write_bytes, discard_uncommitted
 from manifests.fragments import list_fragments
+from manifests.html_report import write_html_report
 from manifests.ledger import write_ledger
 from manifests.schema import STAGES
 from pipeline.recipe import Recipe, load_recipe
@@ -76,4 +77,5 @@ def run(recipe_spec: str, run_dir: str, stage: str | None = None, address: str |
     report = build_report(recipe, ledger, shards, editor.covers(), task_weights(recipe.instruct, editor.covers()),
                           walls)
     print(write_report(root, report))
+    print(f"[x2edit] HTML report: {write_html_report(root)}")
     return report

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -27,13 +28,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stop_cluster(temp_dir: str) -> None:
-    """Kill this cluster's processes only (`ray stop` would kill every Ray cluster on the machine)."""
+def _stop_cluster(marker: str) -> None:
+    """Kill this cluster's processes only (`ray stop` would kill every Ray cluster on the machine). Every
+    process of the cluster, agents included, inherits the marker variable from `ray start`'s environment."""
+    needle = marker.encode()
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
         try:
-            if temp_dir.encode() in (proc / "cmdline").read_bytes():
+            if needle in (proc / "environ").read_bytes():
                 os.kill(int(proc.name), signal.SIGKILL)
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue  # the process ended while we looked
@@ -42,22 +45,26 @@ def _stop_cluster(temp_dir: str) -> None:
 @pytest.fixture(scope="session")
 def ray_cluster():
     """Address and dashboard URL of a local head node; the test process is connected to it."""
-    port, dash = _free_port(), _free_port()
+    marker = f"X2EDIT_TEST_CLUSTER=x2t-{os.getpid()}-{time.time_ns()}"
+    ports = [_free_port() for _ in range(4)]
     temp_dir = tempfile.mkdtemp(prefix="x2t-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    subprocess.run([RAY, "start", "--head", f"--port={port}", "--num-cpus=2", "--node-ip-address=127.0.0.1",
-                    f"--temp-dir={temp_dir}",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-                    "--disable-usage-stats"], check=True, cwd=ROOT, capture_output=True,
-                   env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
-    address = f"127.0.0.1:{port}"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           marker.split("=")[0]: marker.split("=")[1]}
+    # Every port explicit, so a cluster of an earlier session that is still shutting down cannot collide.
+    subprocess.run([RAY, "start", "--head", f"--port={ports[0]}", "--num-cpus=2", "--node-ip-address=127.0.0.1",
+                    f"--temp-dir={temp_dir}", "--dashboard-host=127.0.0.1", f"--dashboard-port={ports[1]}",
+                    f"--dashboard-agent-listen-port={ports[2]}", f"--ray-client-server-port={ports[3]}",
+                    "--include-dashboard=true", "--disable-usage-stats"],
+                   check=True, cwd=ROOT, capture_output=True, env=env)
+    address = f"127.0.0.1:{ports[0]}"
     from pipeline.cluster import connect
 
     connect(address)
-    yield {"address": address, "dashboard": f"http://127.0.0.1:{dash}"}
+    yield {"address": address, "dashboard": f"http://127.0.0.1:{ports[1]}"}
     import ray
 
     ray.shutdown()
-    _stop_cluster(temp_dir)
+    _stop_cluster(marker.split("=")[1])
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 

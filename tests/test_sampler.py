@@ -46,3 +46,14 @@ def test_impossible_configurations_are_refused():
         TaskBatchSampler(TASKS, 5, 2)
     with pytest.raises(ValueError, match="does not split"):
         TaskBatchSampler(TASKS, 3, 2, world_size=4)
+
+
+def test_seek_lands_where_the_iteration_would_be():
+    walked = TaskBatchSampler(TASKS, 2, 2, seed=4)
+    it = iter(walked)
+    for _ in range(9):
+        next(it)
+    sought = TaskBatchSampler(TASKS, 2, 2, seed=4)
+    sought.seek(9)
+    assert sought.state_dict() == walked.state_dict()
+    assert next(iter(sought)) == next(it)

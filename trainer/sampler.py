@@ -56,6 +56,14 @@ class TaskBatchSampler:
                 yield batch[self.rank * per_rank:(self.rank + 1) * per_rank]
             self.epoch, self.step = self.epoch + 1, 0
 
+    def seek(self, consumed: int) -> None:
+        """Position the sampler after `consumed` global batches (what a resumed run has already trained on)."""
+        self.epoch, self.step = 0, consumed
+        while self.step >= (n := len(self.global_batches(self.epoch))):
+            if n == 0:
+                raise ValueError("an epoch holds no batch")
+            self.epoch, self.step = self.epoch + 1, self.step - n
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "step": self.step, "seed": self.seed}
 

@@ -1,0 +1,160 @@
+"""MoE-LoRA dispatch: one adapter site of FLUX.1 width (3072, rank 64, 12 routed experts + 1 shared, top-2),
+forward + backward, against a plain LoRA of the same *active* rank (r = 192 = 3 × 64) measured in the
+same run. Strategies:
+
+    plain    F.linear(F.linear(x, A_192), B_192)                     the yardstick (goal: fast ≤ 1.10×)
+    fast     trainer.moe_lora.moe_lora_delta: every expert on every token, masked by the routing weights
+             (2 GEMMs of rank 13·64)
+    sparse   tokens sorted by expert, grouped GEMMs, rows moved by gathers (defined here)
+    naive    trainer.moe_reference: per-expert loop with boolean token selection (the reference code's way)
+
+and the whole site (frozen 3072×3072 base Linear + adapter) for fast vs plain. Token counts are per
+sample: 1024 (512 px target), 2560 (512 px joint sequence with the reference image: 512 text + 2 × 1024)
+and 4608 (1024 px joint, no reference); a real micro-batch is B × these, and the cost is linear in tokens.
+
+    python -m bench.moe_dispatch                                   # CPU, fp32
+    python -m bench.moe_dispatch --device cuda --dtype bfloat16 --tokens 30720 34816
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.moe_lora import MoELoRAConfig, MoELoRALinear, moe_lora_delta, route
+from trainer.moe_reference import moe_lora_delta_naive
+
+WIDTH, PLAIN_RANK = 3072, 192
+
+
+def _to_pairs(x_NX: torch.Tensor, token_M: torch.Tensor) -> torch.Tensor:
+    return x_NX.index_select(0, token_M)
+
+
+def _from_pairs(y_MX: torch.Tensor, inverse_M: torch.Tensor, K: int) -> torch.Tensor:
+    return y_MX.index_select(0, inverse_M).unflatten(0, (-1, K)).sum(1)
+
+
+class _ToPairs(torch.autograd.Function):
+    """Token rows → K copies in expert-sorted pair order; the backward is the adjoint (a gather and a sum
+    over the copies), not autograd's scatter-add, which is atomics on GPU and serial on CPU."""
+
+    @staticmethod
+    def forward(ctx, x_NI, token_M, inverse_M, K):
+        ctx.save_for_backward(inverse_M)
+        ctx.K = K
+        return _to_pairs(x_NI, token_M)
+
+    @staticmethod
+    def backward(ctx, grad_MI):
+        return _from_pairs(grad_MI, *ctx.saved_tensors, ctx.K), None, None, None
+
+
+class _FromPairs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y_MO, token_M, inverse_M, K):
+        ctx.save_for_backward(token_M)
+        return _from_pairs(y_MO, inverse_M, K)
+
+    @staticmethod
+    def backward(ctx, grad_NO):
+        return _to_pairs(grad_NO, *ctx.saved_tensors), None, None, None
+
+
+def moe_lora_delta_sparse(layer: MoELoRALinear, x_BTI: torch.Tensor, task_BC: torch.Tensor) -> torch.Tensor:
+    """Token-sparse dispatch: the N·K (token, expert) pairs sorted by expert, one grouped GEMM per projection
+    (`F.grouped_mm`: CUTLASS on Hopper, a per-group loop elsewhere; needs rank and widths × dtype size to be
+    multiples of 16 bytes). Pair p = n·K + k sits at sorted position inverse_M[p]."""
+    B, T, I = x_BTI.shape
+    E, R, K = layer.config.num_experts, layer.config.rank, layer.config.top_k
+    x_NI = x_BTI.reshape(B * T, I)
+    hs_NR, logit_NE = F.linear(x_NI, torch.cat([layer.shared_down, layer.gate[:, :I]])).split([R, E], dim=-1)
+    weight_NK, expert_NK = route(layer, logit_NE, task_BC)
+    expert_M = expert_NK.flatten()
+    order_M = expert_M.argsort(stable=True)
+    inverse_M = torch.empty_like(order_M).scatter_(0, order_M, torch.arange(len(order_M), device=order_M.device))
+    token_M = order_M // K
+    offs_E = torch.bincount(expert_M, minlength=E).cumsum(0).to(torch.int32)
+    h_MR = F.grouped_mm(_ToPairs.apply(x_NI, token_M, inverse_M, K), layer.experts_down.transpose(1, 2),
+                        offs=offs_E)
+    h_MR = h_MR * (weight_NK.flatten().index_select(0, order_M) * layer.scale)[:, None]
+    y_MO = F.grouped_mm(h_MR, layer.experts_up.transpose(1, 2), offs=offs_E)
+    out_NO = F.linear(hs_NR * layer.scale, layer.shared_up) + _FromPairs.apply(y_MO, token_M, inverse_M, K)
+    return out_NO.view(B, T, -1)
+
+
+def best_times(fns: dict, device: str, repeats: int) -> dict[str, float]:
+    """Best of `repeats` per function (after a warm-up), taken round-robin so that every strategy sees the
+    same background load: the least disturbed run is the estimate on a shared machine."""
+    best = {name: float("inf") for name in fns}
+    for i in range(repeats + 1):
+        for name, fn in fns.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if i:
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 2560, 4608])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip-naive", action="store_true")
+    args = parser.parse_args()
+    device, dtype = args.device, getattr(torch, args.dtype)
+    torch.manual_seed(0)
+
+    base = nn.Linear(WIDTH, WIDTH, device=device, dtype=dtype).requires_grad_(False)
+    task_BC = torch.randn(1, WIDTH, device=device, dtype=dtype)
+    layer = MoELoRALinear(base, MoELoRAConfig(), WIDTH, lambda: task_BC).to(dtype)
+    with torch.no_grad():
+        layer.experts_up.normal_(std=0.01)  # non-zero, so every gradient is a real one
+        layer.shared_up.normal_(std=0.01)
+    plain_down = nn.Parameter(torch.randn(PLAIN_RANK, WIDTH, device=device, dtype=dtype) / PLAIN_RANK)
+    plain_up = nn.Parameter(torch.randn(WIDTH, PLAIN_RANK, device=device, dtype=dtype) * 0.01)
+    deltas = {
+        "plain": lambda x: F.linear(F.linear(x, plain_down), plain_up),
+        "fast": lambda x: moe_lora_delta(layer, x, task_BC),
+        "sparse": lambda x: moe_lora_delta_sparse(layer, x, task_BC),
+        "naive": lambda x: moe_lora_delta_naive(layer, x, task_BC),
+    }
+    if args.skip_naive:
+        del deltas["naive"]
+    sites = {"site+plain": lambda x: base(x) + deltas["plain"](x), "site+fast": lambda x: layer(x)}
+
+    print(f"MoE-LoRA dispatch, width {WIDTH}, rank 64, 12+1 experts, top-2, fwd+bwd, {device} {args.dtype}, "
+          f"{torch.get_num_threads()} threads, best of {args.repeats} (ms)")
+    for T in args.tokens:
+        x_BTI = torch.randn(1, T, WIDTH, device=device, dtype=dtype, requires_grad=True)
+
+        grad_BTO = torch.randn_like(x_BTI)
+        leaves = [x_BTI, plain_down, plain_up, *layer.parameters()]
+
+        def step(fn):
+            def run():
+                for t in leaves:
+                    t.grad = None  # every run writes fresh gradients, none accumulates
+                fn(x_BTI).backward(grad_BTO)
+            return run
+
+        fns = {name: step(fn) for name, fn in {**deltas, **sites}.items()}
+        ms = {name: 1e3 * t for name, t in best_times(fns, device, args.repeats).items()}
+        load = layer.expert_load_E
+        row = "  ".join(f"{name} {t:7.2f}" for name, t in ms.items())
+        print(f"T={T:6d}  {row}  | fast/plain {ms['fast'] / ms['plain']:.2f}  sparse/plain "
+              f"{ms['sparse'] / ms['plain']:.2f}  site fast/plain {ms['site+fast'] / ms['site+plain']:.2f}  "
+              f"| expert load min/max {load.min():.3f}/{load.max():.3f}")
+
+
+if __name__ == "__main__":
+    main()

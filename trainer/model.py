@@ -1,0 +1,134 @@
+"""The edit model around a FLUX.1 pipeline: reference-image conditioning, text conditioning, and the
+double-block features the task loss reads.
+
+Reference image. Its latent tokens join the sequence after the noisy target tokens, with their own position
+ids, and the model predicts only the target tokens. Two id layouts:
+  - "kontext" (default): the reference tokens sit at index axis 0 = 1 over the same (row, col) grid, as in
+    FLUX.1 Kontext. They share the noisy tokens' timestep modulation, which is exactly what stock
+    `FluxTransformer2DModel` computes — so any FLUX.1 variant (dev, schnell, Krea, Kontext itself) trains
+    with no fork of the transformer, and a Kontext checkpoint starts from weights made for this layout.
+  - "row_offset": the X2Edit reference's ids, rows shifted by +64 at 512 px / +128 at 1024 px (the latent
+    grid's height in tokens). The reference also gives the reference tokens their own timestep-0
+    modulation (EasyControl), which needs a forked transformer; that part is left out, the ids are kept
+    so the layout can be compared.
+Text. FLUX's own CLIP + T5 (`pipe.encode_prompt`); the paper's X2I route (Qwen2.5-VL + AlignNet) would plug
+in behind `encode_text` and is not implemented.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+LAYOUTS = ("kontext", "row_offset")
+
+
+@dataclass
+class TextEmbeds:
+    prompt_BLD: torch.Tensor
+    pooled_BD: torch.Tensor
+    ids_L3: torch.Tensor
+
+
+def pack(latents_BCHW: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) → (B, H/2·W/2, 4C): FLUX's 2×2 patch packing."""
+    b, c, h, w = latents_BCHW.shape
+    x = latents_BCHW.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(tokens_BNP: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Inverse of `pack` for a latent of height h and width w."""
+    b, _, p = tokens_BNP.shape
+    x = tokens_BNP.view(b, h // 2, w // 2, p // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, p // 4, h, w)
+
+
+def latent_ids(h_tokens: int, w_tokens: int, layout: str, reference: bool) -> torch.Tensor:
+    """Position ids (N, 3) = (index, row, col) of a packed latent grid, for the target or the reference."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown reference layout {layout!r}; choose one of {LAYOUTS}")
+    ids = torch.zeros(h_tokens, w_tokens, 3)
+    ids[..., 1] = torch.arange(h_tokens)[:, None]
+    ids[..., 2] = torch.arange(w_tokens)[None, :]
+    if reference and layout == "kontext":
+        ids[..., 0] = 1
+    elif reference:
+        ids[..., 1] += h_tokens  # +64 rows at 512 px, +128 at 1024 px: the reference's offsets
+    return ids.reshape(-1, 3)
+
+
+class EditModel:
+    """Wraps a loaded FLUX pipeline (vae, text encoders, transformer with an MoE-LoRA installed).
+
+    `forward_module` is what gets called: the transformer itself, or its DDP/FSDP wrapper when training on
+    several processes (so gradients are synchronised). Calls to `predict` and the backward pass run inside
+    `with adapter.task(task_ids):`, which gives the gates the batch's task embedding."""
+
+    def __init__(self, pipe, layout: str = "kontext", max_sequence_length: int = 512, forward_module=None):
+        self.pipe, self.layout, self.max_len = pipe, layout, max_sequence_length
+        self.transformer = pipe.transformer
+        self.forward_module = forward_module or pipe.transformer
+
+    @torch.no_grad()
+    def encode_images(self, images_B3HW: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Pixels in [-1, 1] → normalised latents (B, C, h, w) as the FLUX trainers compute them."""
+        vae = self.pipe.vae
+        x = images_B3HW.to(vae.device, vae.dtype)
+        latents = vae.encode(x).latent_dist.sample(generator)
+        return (latents - vae.config.shift_factor) * vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents_BCHW: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        x = latents_BCHW.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        return vae.decode(x).sample.clamp(-1, 1)
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> TextEmbeds:
+        prompt, pooled, ids = self.pipe.encode_prompt(prompt=prompts, prompt_2=None,
+                                                      device=self.transformer.device,
+                                                      max_sequence_length=self.max_len)
+        return TextEmbeds(prompt, pooled, ids)
+
+    def predict(self, noisy_BCHW: torch.Tensor, reference_BCHW: torch.Tensor, text: TextEmbeds,
+                sigma_B: torch.Tensor, guidance: float, features: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Velocity for the noisy target latents (B, C, h, w); fills `features` with the image-stream output
+        of every double block (target tokens only) when a list is given."""
+        b, _, h, w = noisy_BCHW.shape
+        target_BNP, reference_BNP = pack(noisy_BCHW), pack(reference_BCHW)
+        n = target_BNP.shape[1]
+        img_ids = torch.cat([latent_ids(h // 2, w // 2, self.layout, False),
+                             latent_ids(h // 2, w // 2, self.layout, True)]).to(target_BNP.device, target_BNP.dtype)
+        dtype = self.transformer.dtype
+        kwargs = {}
+        if self.transformer.config.guidance_embeds:
+            kwargs["guidance"] = torch.full((b,), guidance, device=target_BNP.device, dtype=dtype)
+        with self._capture(features, n):
+            out_BNP = self.forward_module(
+                hidden_states=torch.cat([target_BNP, reference_BNP], dim=1).to(dtype),
+                encoder_hidden_states=text.prompt_BLD.to(dtype), pooled_projections=text.pooled_BD.to(dtype),
+                timestep=sigma_B.to(dtype), img_ids=img_ids, txt_ids=text.ids_L3, return_dict=False, **kwargs)[0]
+        return unpack(out_BNP[:, :n], h, w)
+
+    @contextmanager
+    def _capture(self, features: list[torch.Tensor] | None, n_target: int) -> Iterator[None]:
+        """Forward hooks on the double blocks; only the first forward counts (gradient checkpointing re-runs
+        the blocks during backward, after this scope has closed)."""
+        if features is None:
+            yield
+            return
+        blocks = list(self.transformer.transformer_blocks)
+
+        def hook(module, args, output):
+            if len(features) < len(blocks):
+                features.append(output[1][:, :n_target])  # (encoder_hidden_states, hidden_states)
+
+        handles = [block.register_forward_hook(hook) for block in blocks]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()

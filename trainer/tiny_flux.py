@@ -1,0 +1,75 @@
+"""A tiny FLUX.1-architecture pipeline with random weights, built offline in the diffusers on-disk format.
+
+Same classes as FLUX.1-dev (FluxTransformer2DModel, AutoencoderKL, CLIP + T5 text encoders and tokenizers,
+FlowMatchEulerDiscreteScheduler), shrunk to widths of 32 so `make train` and the tests run on a laptop and
+load through the very `from_pretrained` path a real checkpoint takes. The tokenizers are built from
+character vocabularies (no download): CLIP's byte-level BPE with no merges, T5's unigram over characters.
+
+    python -m trainer.tiny_flux models/tiny-flux
+"""
+from __future__ import annotations
+
+import string
+import sys
+from pathlib import Path
+
+import torch
+
+TEXT_DIM = 32
+
+
+def _clip_tokenizer():
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    chars = sorted(ByteLevel.alphabet())  # the 256 byte symbols of a byte-level BPE
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(specials + chars + [c + "</w>" for c in chars])}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def _t5_tokenizer():
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0)]
+    pieces += [(c, -2.0) for c in string.ascii_letters + string.digits + string.punctuation]
+    pieces += [("▁" + c, -1.5) for c in string.ascii_letters + string.digits]
+    return T5TokenizerFast(vocab=pieces, extra_ids=0)
+
+
+def build_tiny_flux(path: str | Path, seed: int = 0) -> Path:
+    """Write the pipeline to `path` (idempotent: an existing build is reused) and return the path."""
+    path = Path(path)
+    if (path / "model_index.json").exists():
+        return path
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    clip_tok, t5_tok = _clip_tokenizer(), _t5_tokenizer()
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(clip_tok), hidden_size=TEXT_DIM, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                                        projection_dim=TEXT_DIM, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=TEXT_DIM, d_kv=16, d_ff=64, num_layers=2,
+                                 num_heads=2, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=4, sample_size=64, scaling_factor=1.5,
+                        shift_factor=0.1)
+    # in_channels = 4 latent channels × the 2×2 packing; head dim 16 = sum of the RoPE axes.
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
+                                         attention_head_dim=16, num_attention_heads=2,
+                                         joint_attention_dim=TEXT_DIM, pooled_projection_dim=TEXT_DIM,
+                                         guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=clip_tok, text_encoder_2=t5,
+                        tokenizer_2=t5_tok, transformer=transformer)
+    tmp = path.with_name(path.name + ".building")
+    pipe.save_pretrained(tmp)
+    tmp.rename(path)  # a killed build leaves no half pipeline behind
+    return path
+
+
+if __name__ == "__main__":
+    print(build_tiny_flux(sys.argv[1] if len(sys.argv) > 1 else "models/tiny-flux"))

@@ -1,0 +1,179 @@
+"""Train the task-aware MoE-LoRA on a frozen FLUX.1 transformer.
+
+    python -m trainer.train --recipe trainer/recipes/tiny-cpu.yaml               # CPU, tiny FLUX (make train)
+    accelerate launch --multi_gpu --num_processes 8 -m trainer.train --recipe trainer/recipes/flux-dev-gpu.yaml
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 -m trainer.train --recipe ...  # gloo
+
+Each step: VAE-encode target and reference, noise the target at σ, predict the velocity with the reference
+tokens in the sequence, loss = flow matching + λ · task InfoNCE over the double blocks' image-stream outputs.
+Checkpoints (`checkpoint-<step>`, written to a temporary name and renamed) hold the adapter, optimizer,
+scheduler, every process's RNG state; the data position is the step itself (the sampler seeks to it), so a
+killed run restarted with the same command continues exactly where its last checkpoint left it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from tqdm import tqdm
+
+from trainer.adapter_io import save_adapter
+from trainer.config import TrainConfig, load_train_config
+from trainer.data import PairDataset, index_shards
+from trainer.losses import flow_matching_loss, sample_sigmas, task_infonce
+from trainer.model import EditModel
+from trainer.moe_lora import MoELoRAConfig
+from trainer.placement import get_adapter, install_moe_lora
+from trainer.sampler import TaskBatchSampler
+
+
+def latest_checkpoint(out_dir: Path) -> tuple[int, Path] | None:
+    done = [(int(p.name.split("-")[1]), p) for p in out_dir.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
+    return max(done) if done else None
+
+
+def collate(items: list[dict]) -> dict:
+    return {"source": torch.from_numpy(np.stack([i["source"] for i in items])),
+            "target": torch.from_numpy(np.stack([i["target"] for i in items])),
+            "instruction": [i["instruction"] for i in items],
+            "task_id": torch.tensor([i["task_id"] for i in items])}
+
+
+def load_pipeline(cfg: TrainConfig, dtype: torch.dtype):
+    from diffusers import FluxPipeline
+
+    if cfg.build_tiny_base:
+        from trainer.tiny_flux import build_tiny_flux
+
+        build_tiny_flux(cfg.base)
+    return FluxPipeline.from_pretrained(cfg.base, dtype=dtype)
+
+
+def train(cfg: TrainConfig) -> list[dict]:
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    out = Path(cfg.out_dir)
+    weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.mixed_precision]
+    pipe = load_pipeline(cfg, weight_dtype)
+    pipe.to(accelerator.device)
+    torch.manual_seed(cfg.seed)  # the adapter's initial weights are the same on every process and every run
+    a = cfg.adapter
+    adapter = install_moe_lora(pipe.transformer, MoELoRAConfig(rank=a.rank, alpha=a.alpha, num_experts=a.experts,
+                                                               top_k=a.top_k))
+    adapter.to(accelerator.device, torch.float32)  # trainable weights stay fp32 under bf16 autocast
+    if cfg.gradient_checkpointing:
+        pipe.transformer.enable_gradient_checkpointing()
+
+    dataset = PairDataset(index_shards(cfg.data), cfg.resolution)
+    sampler = TaskBatchSampler(dataset.task_ids(), cfg.tasks_per_batch, cfg.pairs_per_task,
+                               world_size=accelerator.num_processes, rank=accelerator.process_index, seed=cfg.seed)
+    params = [p for p in pipe.transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
+    transformer, optimizer, scheduler = accelerator.prepare(pipe.transformer, optimizer, scheduler)
+    model = EditModel(pipe, cfg.reference_layout, cfg.max_sequence_length, forward_module=transformer)
+
+    keep_adapter_only(accelerator)
+    step = 0
+    if (found := latest_checkpoint(out)) is not None:
+        step, path = found
+        accelerator.load_state(str(path), strict=False)  # adapter, optimizer, scheduler, every RNG
+        accelerator.print(f"resumed from {path}")
+    else:  # noise and timesteps differ between processes; a resumed run gets them back from its checkpoint
+        torch.manual_seed(cfg.seed + 1 + accelerator.process_index)
+    sampler.seek(step)
+    # Its own generator: creating the loader's iterator must not draw from the RNG the checkpoint restored.
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=iter(sampler), collate_fn=collate,
+                                         num_workers=cfg.num_workers, generator=torch.Generator())
+    log_path = out / "train_log.jsonl"
+    history = []
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not accelerator.is_main_process)
+    for batch in loader:
+        if step >= cfg.steps:
+            break
+        record = train_step(cfg, model, adapter, accelerator, transformer, optimizer, scheduler, batch)
+        step += 1
+        record["step"] = step
+        history.append(record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", fm=f"{record['flow']:.4f}", task=f"{record['task']:.4f}")
+        if accelerator.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            save_checkpoint(accelerator, out, step, cfg.keep_checkpoints)
+    bar.close()
+    if accelerator.is_main_process:
+        save_adapter(accelerator.unwrap_model(transformer), out / "adapter", base_model_id=cfg.base)
+        accelerator.print(f"adapter written to {out / 'adapter'}")
+    accelerator.wait_for_everyone()
+    return history
+
+
+def train_step(cfg, model: EditModel, adapter, accelerator, transformer, optimizer, scheduler, batch) -> dict:
+    device = accelerator.device
+    target = model.encode_images(batch["target"])
+    reference = model.encode_images(batch["source"])
+    text = model.encode_text(batch["instruction"])
+    noise = torch.randn_like(target)
+    sigma = sample_sigmas(target.shape[0], cfg.timesteps).to(device)
+    s = sigma.view(-1, 1, 1, 1).to(target.dtype)
+    noisy = (1 - s) * target + s * noise
+    features: list[torch.Tensor] = []
+    with adapter.task(batch["task_id"].to(device)), accelerator.autocast():
+        pred = model.predict(noisy, reference, text, sigma, cfg.guidance, features)
+        flow = flow_matching_loss(pred, target, noise)
+        task = task_infonce(features, batch["task_id"].to(device), cfg.contrastive.tau)
+        loss = flow + cfg.contrastive.weight * task
+        accelerator.backward(loss)  # inside the task scope: checkpointed blocks re-run their gates
+    if accelerator.sync_gradients:
+        accelerator.clip_grad_norm_(transformer.parameters(), cfg.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    logged = accelerator.reduce(torch.stack([loss, flow, task]).detach(), reduction="mean")  # over processes
+    return {"loss": logged[0].item(), "flow": logged[1].item(), "task": logged[2].item(),
+            "lr": scheduler.get_last_lr()[0]}
+
+
+def keep_adapter_only(accelerator: Accelerator) -> None:
+    """Checkpoints hold the trainable weights only: the frozen FLUX weights are 24 GB and never change."""
+    def save_hook(models, weights, output_dir):
+        for i, model in enumerate(models):
+            trainable = {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+            weights[i] = {k: v for k, v in weights[i].items() if k in trainable}
+
+    accelerator.register_save_state_pre_hook(save_hook)
+
+
+def save_checkpoint(accelerator: Accelerator, out: Path, step: int, keep: int) -> None:
+    final, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tmp.rename(final)  # a checkpoint exists only once it is complete
+        for old in sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", required=True)
+    parser.add_argument("--steps", type=int, help="override the recipe's steps")
+    parser.add_argument("--out-dir", help="override the recipe's out_dir")
+    parser.add_argument("--data", nargs="+", help="override the recipe's shard globs")
+    args = parser.parse_args(argv)
+    train(load_train_config(args.recipe, steps=args.steps, out_dir=args.out_dir, data=args.data))
+
+
+if __name__ == "__main__":
+    main()
