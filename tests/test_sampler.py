@@ -57,3 +57,11 @@ def test_seek_lands_where_the_iteration_would_be():
     sought.seek(9)
     assert sought.state_dict() == walked.state_dict()
     assert next(iter(sought)) == next(it)
+
+
+def test_groups_keep_each_batch_within_one_aspect_bucket():
+    groups = [("wide" if i % 2 else "square") for i in range(len(TASKS))]
+    sampler = TaskBatchSampler(TASKS, 2, 2, seed=5, groups=groups)
+    batches = sampler.global_batches(0)
+    assert batches and all(len({groups[i] for i in b}) == 1 for b in batches)
+    assert {groups[b[0]] for b in batches} == {"wide", "square"}

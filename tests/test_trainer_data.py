@@ -38,6 +38,8 @@ def test_reads_corpus_and_reference_layouts(tmp_path):
     assert item["source"].dtype == np.float32 and -1 <= item["source"].min() and item["target"].max() <= 1
     assert item["instruction"] == "Make it an oil painting." and item["task_id"] == 3
     assert data.task_ids() == [1, 12, 3]
+    assert [p.size for p in pairs] == [(80, 40), (40, 80), (64, 48)]
+    assert PairDataset(pairs, 1024).buckets() == [(720, 1456), (1456, 720), (880, 1184)]
 
 
 def test_buckets():

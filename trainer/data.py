@@ -40,6 +40,7 @@ class PairRef:
     instruction_zh: str
     source: tuple[int, int]  # (offset, size) of the member in the tar
     target: tuple[int, int]
+    size: tuple[int, int]  # target image (width, height), read from its header
 
 
 def _split(name: str) -> tuple[str, str]:
@@ -83,8 +84,21 @@ def index_shards(patterns: list[str]) -> list[PairRef]:
             tgt = next((fields[f] for f in TARGET_FIELDS if f in fields), None)
             if src and tgt and key in metas:
                 task, en, zh = _record(metas[key])
-                pairs.append(PairRef(shard, key, task, en, zh, src, tgt))
+                pairs.append(PairRef(shard, key, task, en, zh, src, tgt, _image_size(shard, tgt)))
     return pairs
+
+
+def _image_size(shard: str, where: tuple[int, int]) -> tuple[int, int]:
+    """Width and height from the image header: the first 64 KiB hold it for any JPEG/PNG we write."""
+    with open(shard, "rb") as f:
+        f.seek(where[0])
+        head = f.read(min(where[1], 1 << 16))
+    try:
+        return Image.open(io.BytesIO(head)).size
+    except OSError:  # an unusually long header (big EXIF block): read the whole member
+        with open(shard, "rb") as f:
+            f.seek(where[0])
+            return Image.open(io.BytesIO(f.read(where[1]))).size
 
 
 def bucket_for(width: int, height: int, resolution: int) -> tuple[int, int]:
@@ -117,6 +131,10 @@ class PairDataset:
 
     def task_ids(self) -> list[int]:
         return [p.task_id for p in self.pairs]
+
+    def buckets(self) -> list[tuple[int, int]]:
+        """The aspect bucket of each pair: batches are drawn within one, so their images share a size."""
+        return [bucket_for(*p.size, self.resolution) for p in self.pairs]
 
     def _read(self, shard: str, where: tuple[int, int]) -> Image.Image:
         with open(shard, "rb") as f:

@@ -70,7 +70,8 @@ def train(cfg: TrainConfig) -> list[dict]:
 
     dataset = PairDataset(index_shards(cfg.data), cfg.resolution)
     sampler = TaskBatchSampler(dataset.task_ids(), cfg.tasks_per_batch, cfg.pairs_per_task,
-                               world_size=accelerator.num_processes, rank=accelerator.process_index, seed=cfg.seed)
+                               world_size=accelerator.num_processes, rank=accelerator.process_index, seed=cfg.seed,
+                               groups=dataset.buckets())
     params = [p for p in pipe.transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
