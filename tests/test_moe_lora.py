@@ -145,14 +145,24 @@ def test_placement_on_tiny_flux_image_stream_only_and_frozen_base():
     assert type(attn.to_add_out) is nn.Linear and type(transformer.single_transformer_blocks[0].proj_out) is nn.Linear
     assert adapter.task_embedding.weight.shape == (16, 32)  # the model's inner width
     trainable = {n for n, p in transformer.named_parameters() if p.requires_grad}
-    assert trainable == {f"{s}.{p}" for s in adapter.sites
-                         for p in ("shared_down", "shared_up", "experts_down", "experts_up", "gate")} | {
-                             "moe_lora.task_embedding.weight"}
+    own = {f"{s}.{p}" for s in adapter.sites for p in ("shared_down", "shared_up", "experts_down", "experts_up",
+                                                        "gate")}
+    assert trainable == own | {"moe_lora.task_embedding.weight"}
+    assert {n for n, _ in adapter.named_parameters()} == own | {"task_embedding.weight"}  # the export names
+    assert sum(p.numel() for p in adapter.parameters()) == sum(p.numel() for p in transformer.parameters()
+                                                               if p.requires_grad)
 
     with adapter.task(torch.tensor([0, 5])):  # a fresh adapter (up = 0) leaves the model's output unchanged
         torch.testing.assert_close(transformer(**flux_inputs())[0], reference_out)
     with pytest.raises(RuntimeError, match="adapter.task"):
         transformer(**flux_inputs())  # no task ids set: a clear error, not a silent default
+
+    assert len(adapter.expert_load()) == 7
+    assert all(load.sum().item() == pytest.approx(1.0) for load in adapter.expert_load().values())
+
+    adapter.to(torch.float64)  # .to() reaches the experts in their blocks, never the frozen base weights
+    assert {p.dtype for p in adapter.parameters()} == {torch.float64}
+    assert attn.to_q.shared_up.dtype == torch.float64 and attn.to_q.base.weight.dtype == torch.float32
 
     remove_moe_lora(transformer)
     assert get_adapter(transformer) is None and type(transformer.transformer_blocks[0].attn.to_q) is nn.Linear

@@ -21,8 +21,8 @@ broadcast over the tokens of its sample. Facts from the reference code (referenc
   - inputs are cast to the adapter's dtype (fp32 by default) and the update back to the input's dtype.
 
 Shape suffixes (after torchtitan's moe.py): B batch, T tokens per sample, N = B·T tokens, I in features,
-O out features, C task-embedding width, R rank, E routed experts, K experts per token, M = N·K routed
-(token, expert) pairs.
+O out features, C task-embedding width, R rank, E routed experts, K experts per token, X = (E+1)·R
+stacked expert ranks (shared first).
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ class MoELoRAConfig:
 class MoELoRALinear(nn.Module):
     """`base(x)` plus the mixture of LoRA experts; `base` stays frozen and untouched.
 
-    `task_CB` is a callable returning the current batch's task embedding (B, C); the adapter provides it, so
+    `task_BC` is a callable returning the current batch's task embedding (B, C); the adapter provides it, so
     the per-batch state lives in one place instead of being threaded through diffusers' attention code.
     """
 
@@ -99,17 +99,17 @@ def route(layer: MoELoRALinear, logit_NE: torch.Tensor, task_BC: torch.Tensor) -
 def moe_lora_delta(layer: MoELoRALinear, x_BTI: torch.Tensor, task_BC: torch.Tensor) -> torch.Tensor:
     """The adapter's update (without base(x)): every expert on every token, masked by the routing weights.
 
-    Why dense: one GEMM computes all (E+1)·R down projections plus the gate's token logits, the routing
-    weights (1 for the shared expert, the softmax probability for a token's top-K, 0 otherwise) scale the
-    rank-R blocks, and one GEMM does all up projections. Unselected experts get weight 0, so the output
-    and every gradient equal the top-K definition exactly (moe_reference.py; the tests check it). It
-    costs (E+1)/(K+1) ≈ 4.3× the FLOPs of a token-sparse dispatch but moves no O-wide rows: a sparse
-    dispatch (tokens gathered into expert order, grouped GEMMs, outputs summed back) spends more time on
-    those gathers than on its GEMMs, and measured 1.5× slower than this on an H100 in bf16 at 30k tokens
-    (bench/moe_dispatch.py docstring, where both run). It also keeps shapes static (no host sync, no
-    data-dependent sizes: CUDA-graph and torch.compile friendly) and saves an (N, (E+1)·R) activation for
-    backward instead of K copies of x. On CPU the sparse dispatch is faster at width 3072; the CPU only
-    trains tiny models.
+    One GEMM computes all (E+1)·R down projections and the gate's token logits; the routing weights (1 for
+    the shared expert, the softmax probability for each of a token's top-K, 0 otherwise) scale the rank-R
+    blocks; one GEMM does all up projections. An unselected expert has weight 0, so the output and every
+    gradient equal the top-K definition exactly (moe_reference.py; the tests hold them to 1e-5).
+    Why dense rather than token-sparse: it costs (E+1)/(K+1) ≈ 4.3× the FLOPs of a sparse dispatch, but a
+    sparse one (tokens gathered into expert order, grouped GEMMs, outputs summed back) moves K copies of
+    every I- and O-wide row forward and backward, and those memory-bound gathers outweigh its GEMMs: on an
+    H100 in bf16 at the paper's micro-batches (30-35k tokens) dense takes 2.6 ms per site fwd+bwd and
+    sparse 4.9-5.3 (bench/moe_dispatch.py, which runs both). Dense also keeps shapes static (no host sync,
+    no data-dependent sizes: CUDA graphs and torch.compile work) and saves an (N, (E+1)·R) activation for
+    backward instead of K copies of x. On CPU sparse is faster at width 3072; the CPU trains tiny models only.
     """
     B, T, I = x_BTI.shape
     if task_BC.shape[0] != B:
@@ -140,8 +140,11 @@ class MoELoRAAdapter(nn.Module):
     """The task embedding shared by every MoE-LoRA site, and an index of the sites.
 
     It is registered on the transformer (`transformer.moe_lora`), so moving, casting or wrapping the
-    transformer (DDP/FSDP/ZeRO) covers it; the experts live inside their blocks. The sites are kept in a
-    plain dict, not registered twice.
+    transformer (DDP/FSDP/ZeRO) covers it. The experts live inside their blocks (so per-block sharding
+    keeps them with their base weights) and are indexed here in a plain dict, not registered twice; yet
+    `adapter.parameters()`, `named_parameters()` and `.to()` cover them as well as the task embedding
+    (never the frozen base weights), so the adapter behaves as the one module it is. Parameter names are
+    the export names: `task_embedding.weight`, `<site>.<param>`.
 
         with adapter.task(task_ids_B):      # embeds the batch's task ids once
             loss = loss_fn(transformer(...))
@@ -171,13 +174,22 @@ class MoELoRAAdapter(nn.Module):
                                "checkpointing, the backward pass) inside `with adapter.task(task_ids):`")
         return self._task_BC
 
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True,
+                         ) -> Iterator[tuple[str, nn.Parameter]]:
+        yield from super().named_parameters(prefix, recurse, remove_duplicate)
+        if recurse:  # module-by-module walks (recurse=False) still see each tensor once, at its block
+            for site, layer in self.sites.items():  # the site's own tensors (recurse=False), not its base
+                yield from layer.named_parameters(f"{prefix}.{site}" if prefix else site, recurse=False,
+                                                  remove_duplicate=remove_duplicate)
+
     def named_adapter_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """Every adapter tensor under its export name: `task_embedding.weight`, `<site>.<param>`."""
-        yield "task_embedding.weight", self.task_embedding.weight
-        for site, layer in self.sites.items():
-            for name, param in layer.named_parameters():
-                if not name.startswith("base."):
-                    yield f"{site}.{name}", param
+        """Every adapter tensor under its export name (what adapter_io writes and reads)."""
+        return self.named_parameters()
+
+    def _apply(self, fn, recurse=True):
+        for layer in self.sites.values():
+            layer._apply(fn, recurse=False)
+        return super()._apply(fn, recurse)
 
     def expert_load(self) -> dict[str, torch.Tensor]:
         """Per site, the share of routed (token, expert) pairs each expert got in the last forward."""
