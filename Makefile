@@ -50,6 +50,7 @@ test: $(VENV)/.test browser
 bench: $(VENV)/.test
 	$(PY) -m bench.engine_overhead
 	$(PY) -m bench.moe_dispatch
+	$(PY) -m bench.train_step
 
 clean:
 	rm -rf runs models .pytest_cache

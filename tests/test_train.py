@@ -1,44 +1,28 @@
 """The trainer end to end on the tiny FLUX: exact resume, adapter export, two processes with accelerate."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from manifests.shards import tar_bytes  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
-from trainer.tiny_flux import build_tiny_flux  # noqa: E402
+from trainer.tiny_flux import build_tiny_flux, write_random_corpus  # noqa: E402
 from trainer.train import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _jpeg(seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 255, (8, 8, 3), dtype=np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).resize((64, 64)).save(out, "JPEG")
-    return out.getvalue()
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    members = []
-    for i in range(12):
-        key, task = f"pair-{i:03d}", (3, 11, 12)[i % 3]
-        members += [(f"{key}.json", json.dumps({"task_id": task, "instruction_en": f"edit {i}"}).encode()),
-                    (f"{key}.src.jpg", _jpeg(i)), (f"{key}.edited.jpg", _jpeg(100 + i))]
-    (root / "corpus-000000.tar").write_bytes(tar_bytes(members))
+    write_random_corpus(root / "corpus-000000.tar")
     return {"root": root, "base": str(build_tiny_flux(root / "tiny-flux")), "data": [str(root / "*.tar")]}
 
 

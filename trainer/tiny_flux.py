@@ -73,3 +73,30 @@ def build_tiny_flux(path: str | Path, seed: int = 0) -> Path:
 
 if __name__ == "__main__":
     print(build_tiny_flux(sys.argv[1] if len(sys.argv) > 1 else "models/tiny-flux"))
+
+
+def write_random_corpus(path: str | Path, pairs: int = 12, tasks: tuple[int, ...] = (3, 11, 12)) -> Path:
+    """A corpus shard of random 64-px pairs, tasks taken in turn: training data for tests and benchmarks."""
+    import io
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from manifests.shards import tar_bytes
+
+    def jpeg(seed: int) -> bytes:
+        pixels = np.random.default_rng(seed).integers(0, 255, (8, 8, 3), dtype=np.uint8)
+        out = io.BytesIO()
+        Image.fromarray(pixels).resize((64, 64)).save(out, "JPEG")
+        return out.getvalue()
+
+    members = []
+    for i in range(pairs):
+        key = f"pair-{i:05d}"
+        meta = {"task_id": tasks[i % len(tasks)], "instruction_en": f"edit {i}"}
+        members += [(f"{key}.json", json.dumps(meta).encode()), (f"{key}.src.jpg", jpeg(i)),
+                    (f"{key}.edited.jpg", jpeg(100_000 + i))]
+    path = Path(path)
+    path.write_bytes(tar_bytes(members))
+    return path
