@@ -125,7 +125,8 @@ def moe_lora_delta(layer: MoELoRALinear, x_BTI: torch.Tensor, task_BC: torch.Ten
     h_NX, logit_NE, _ = F.linear(x_NI, down_XI).split([(E + 1) * R, E, pad], dim=-1)
     weight_NK, expert_NK = route(layer, logit_NE, task_BC.to(layer.gate.dtype))
 
-    routed_NE = torch.zeros_like(logit_NE).scatter(1, expert_NK, weight_NK)
+    # Under autocast the GEMM gives bf16 logits while routing may return fp32 weights: scatter in their dtype.
+    routed_NE = torch.zeros_like(logit_NE, dtype=weight_NK.dtype).scatter(1, expert_NK, weight_NK)
     block_weight_NE1 = torch.cat([torch.ones_like(logit_NE[:, :1]), routed_NE], dim=1) * layer.scale
     h_NX = (h_NX.view(N, E + 1, R) * block_weight_NE1[..., None]).flatten(1)
     up_OX = torch.cat([layer.shared_up, layer.experts_up.permute(1, 0, 2).flatten(1)], dim=1)
