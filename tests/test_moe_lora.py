@@ -247,3 +247,16 @@ def test_load_rejects_a_mismatching_transformer_and_leaves_it_untouched(tmp_path
         load_adapter(other_width_site, tmp_path)
     assert get_adapter(other_width_site) is None
     assert type(other_width_site.transformer_blocks[0].attn.to_q) is nn.Linear
+
+
+def test_runs_under_bf16_autocast():
+    """Under autocast the fused GEMM yields bf16 logits while the routing weights may be fp32 (found on an
+    H200 with the full-size step)."""
+    base = nn.Linear(32, 32).requires_grad_(False)
+    task_BC = torch.randn(2, 32)
+    layer = MoELoRALinear(base, MoELoRAConfig(rank=8, num_experts=4), 32, lambda: task_BC)
+    x_BTI = torch.randn(2, 10, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_BTO = layer(x_BTI)
+    y_BTO.float().sum().backward()
+    assert x_BTI.grad is not None and torch.isfinite(x_BTI.grad).all()
