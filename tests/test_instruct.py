@@ -59,3 +59,20 @@ def test_no_feasible_task_is_a_ledger_reason():
                           StageContext(seed=1, recipe_hash="h", run_dir="."))
     [row] = stage.process_row(_row(np.full((512, 512, 3), 120, np.uint8), 0))
     assert (row["status"], row["reason"]) == (REJECTED, "no_eligible_task") and row["src"] is None
+
+
+def test_every_op_renders_in_both_languages_for_any_parameters():
+    from workers.classical import OPS
+    from workers.segment_classical import find_subject
+
+    subject = find_subject(generate_scene(4)[0])
+    rng = np.random.default_rng(0)
+    vocab = set(templates()["vocab_zh"])
+    for name, op in OPS.items():
+        for _ in range(20):
+            params = op.sample_params(rng, subject)
+            if params is None:
+                continue
+            for variant in range(len(templates()["ops"][name])):
+                en, zh = render(name, params, subject if op.needs_subject else None, variant)
+                assert "{" not in en + zh and not any(w in zh.split() for w in vocab), (name, zh)
