@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 
 import numpy as np
@@ -67,7 +68,6 @@ def test_every_op_renders_in_both_languages_for_any_parameters():
 
     subject = find_subject(generate_scene(4)[0])
     rng = np.random.default_rng(0)
-    vocab = set(templates()["vocab_zh"])
     for name, op in OPS.items():
         for _ in range(20):
             params = op.sample_params(rng, subject)
@@ -75,4 +75,4 @@ def test_every_op_renders_in_both_languages_for_any_parameters():
                 continue
             for variant in range(len(templates()["ops"][name])):
                 en, zh = render(name, params, subject if op.needs_subject else None, variant)
-                assert "{" not in en + zh and not any(w in zh.split() for w in vocab), (name, zh)
+                assert "{" not in en + zh and not re.search("[A-Za-z]", zh), (name, zh)  # every word translated
