@@ -17,7 +17,6 @@ import io
 import json
 import tarfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
