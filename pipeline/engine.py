@@ -20,7 +20,7 @@ from manifests.fragments import done_ids, list_fragments, read_units, write_frag
 from manifests.ledger import build_ledger
 from manifests.schema import COLUMNS, META_COLUMNS, STAGES
 from manifests.shards import committed_shards, discard_orphan_tars
-from stages.base import Resources, StageContext
+from stages.base import Resources, StageContext, StageGroup
 from stages.edit import EditStage
 from stages.instruct import InstructStage
 from stages.pack import PackStage, plan_shards
@@ -71,9 +71,16 @@ def run_fused(recipe, ctx: StageContext, run_dir: Path) -> int:
     """source → instruct → edit → score in one streaming job; returns rows committed by this invocation."""
     out = stage_dir(run_dir, "score")
     ds = source_dataset(recipe, ctx, done_ids(out))
+    together = recipe.resources.colocate
     for stage in CHAIN[1:]:
-        ds = apply_stage(ds, STAGE_CLASSES[stage], stage_config(recipe, stage), ctx,
-                         getattr(recipe.resources, stage))
+        if stage in together[1:]:
+            continue  # runs inside the group of together[0]
+        if stage in together:
+            members = [(STAGE_CLASSES[s], stage_config(recipe, s)) for s in together]
+            ds = apply_stage(ds, StageGroup, members, ctx, getattr(recipe.resources, stage))
+        else:
+            ds = apply_stage(ds, STAGE_CLASSES[stage], stage_config(recipe, stage), ctx,
+                             getattr(recipe.resources, stage))
     return sink(ds, out, recipe.commit_rows)
 
 

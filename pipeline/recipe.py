@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from manifests.config import Strict
 from stages.base import Resources
@@ -22,12 +22,25 @@ from stages.source import InputConfig, SourceConfig
 BUILTIN_DIR = Path(__file__).parent / "recipes"
 
 
+COLOCATABLE = ("instruct", "edit", "score")
+
+
 class StageResources(Strict):
     source: Resources = Resources(batch_size=1)  # one read unit per call; the stage streams its samples
     instruct: Resources = Resources()
     edit: Resources = Resources()
     score: Resources = Resources()
     pack: Resources = Resources(batch_size=1)  # one shard per call
+    # Consecutive stages to run in one actor pool in the fused run (with the first one's resources).
+    colocate: list[str] = []
+
+    @field_validator("colocate")
+    @classmethod
+    def _consecutive(cls, v: list[str]):
+        if v and (any(s not in COLOCATABLE for s in v) or len(v) < 2
+                  or list(v) != list(COLOCATABLE[COLOCATABLE.index(v[0]):COLOCATABLE.index(v[0]) + len(v)])):
+            raise ValueError(f"colocate takes two or more consecutive stages of {list(COLOCATABLE)}, got {v}")
+        return v
 
 
 class Recipe(Strict):

@@ -113,3 +113,17 @@ def to_table(rows: list[dict]) -> pa.Table:
     if unknown:
         raise ContractError(f"rows carry columns outside the pair schema: {sorted(unknown)}")
     return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+
+
+class StageGroup:
+    """Consecutive stages in one actor: rows pass from one stage to the next in memory instead of through
+    Ray's object store and another actor pool. Worth it on small CPU machines (see bench/README.md); keep
+    stages with different resources (a GPU editor, a CPU scorer) apart. Each stage keeps its contract."""
+
+    def __init__(self, cfg: list[tuple[type, object]], ctx: StageContext):
+        self.stages = [cls(stage_cfg, ctx) for cls, stage_cfg in cfg]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        for stage in self.stages:
+            batch = stage(batch)
+        return batch

@@ -26,6 +26,7 @@ def _recipe(tmp_path: Path, kind: str, paths: list[str]) -> str:
     recipe = {"name": f"bad-{kind}", "commit_rows": 8,
               "input": {"kind": kind, "paths": paths, "max_member_bytes": FIXTURE_MAX_MEMBER_BYTES},
               "instruct": {"tasks_per_source": 1},
+              "resources": {"colocate": ["instruct", "edit", "score"]},  # the StageGroup path
               "pack": {"prefix": "bad", "shard_size": 16}}
     path = tmp_path / f"{kind}.yaml"
     path.write_text(yaml.safe_dump(recipe))

@@ -121,3 +121,10 @@ def test_policy_rules_per_task_replace_common_ones():
     reason, message = decide({"change_global": 0.05}, rules_for("background_change", common, per_task))
     assert reason == "weak" and "change_global=0.0500" in message
     assert decide({}, common)[0] == "missing_score"
+
+
+def test_colocated_stages_must_be_consecutive():
+    assert parse_recipe({"name": "x", "resources": {"colocate": ["edit", "score"]}}).resources.colocate == ["edit", "score"]
+    for bad in (["instruct", "score"], ["score", "edit"], ["edit"], ["source", "instruct"]):
+        with pytest.raises(RecipeError, match="colocate takes two or more consecutive stages"):
+            parse_recipe({"name": "x", "resources": {"colocate": bad}}, "r.yaml")

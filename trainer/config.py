@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from manifests.config import Strict
 
@@ -20,6 +20,15 @@ class AdapterConfig(Strict):
 class ContrastiveConfig(Strict):
     weight: float = Field(0.2, ge=0)  # λ, paper eq. (9)
     tau: float = Field(0.5, gt=0)
+
+
+class X2IConfig(Strict):
+    """The paper's text conditioning (reference-code.md §3.3): Qwen2.5-VL hidden states → AlignNet."""
+
+    mllm: str  # Qwen2.5-VL path or hub id (the reference: Qwen2.5-VL-7B-Instruct)
+    alignnet: str | None = None  # AlignNet weights (.safetensors, or the reference's .bin/.pt); null = random init
+    max_length: int = Field(512, ge=1)  # instruction tokens, chat template included (the reference: 512)
+    trainable: bool = False  # the reference trains AlignNet at 512 px and freezes it at 1024 px
 
 
 class TrainConfig(Strict):
@@ -40,13 +49,24 @@ class TrainConfig(Strict):
     contrastive: ContrastiveConfig = ContrastiveConfig()
     adapter: AdapterConfig = AdapterConfig()
     reference_layout: Literal["kontext", "row_offset"] = "kontext"
-    max_sequence_length: int = Field(512, ge=1)
+    max_sequence_length: int = Field(512, ge=1)  # T5 tokens (clip_t5)
+    text_encoder: Literal["clip_t5", "x2i"] = "clip_t5"  # FLUX's own encoders, or the paper's X2I route
+    x2i: X2IConfig | None = None
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
     checkpoint_every: int = Field(100, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     num_workers: int = Field(0, ge=0)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _x2i_block_matches_text_encoder(self) -> TrainConfig:
+        if self.text_encoder == "x2i" and self.x2i is None:
+            raise ValueError("text_encoder x2i needs an `x2i:` block with at least `mllm: <Qwen2.5-VL path>`")
+        if self.text_encoder != "x2i" and self.x2i is not None:
+            raise ValueError(f"an `x2i:` block is given but text_encoder is {self.text_encoder!r}; "
+                             "set text_encoder: x2i or remove the block")
+        return self
 
 
 def load_train_config(path: str | Path, **overrides) -> TrainConfig:
@@ -57,5 +77,6 @@ def load_train_config(path: str | Path, **overrides) -> TrainConfig:
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not valid YAML: {e}") from None
     except ValidationError as e:
-        lines = [f"{path}: {'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
+        # Errors of the whole recipe (the x2i check) have an empty location.
+        lines = [f"{path}: {'.'.join(map(str, err['loc'])) or '(recipe)'}: {err['msg']}" for err in e.errors()]
         raise ValueError("\n".join(lines)) from None

@@ -11,14 +11,14 @@ ids, and the model predicts only the target tokens. Two id layouts:
     grid's height in tokens). The reference also gives the reference tokens their own timestep-0
     modulation (EasyControl), which needs a forked transformer; that part is left out, the ids are kept
     so the layout can be compared.
-Text. FLUX's own CLIP + T5 (`pipe.encode_prompt`); the paper's X2I route (Qwen2.5-VL + AlignNet) would plug
-in behind `encode_text` and is not implemented.
+Text. FLUX's own CLIP + T5 (`pipe.encode_prompt`) by default; any `TextEncoder` given to `EditModel` replaces
+them, such as the paper's X2I route (Qwen2.5-VL hidden states → AlignNet, trainer/x2i.py).
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Protocol
 
 import torch
 
@@ -30,6 +30,13 @@ class TextEmbeds:
     prompt_BLD: torch.Tensor
     pooled_BD: torch.Tensor
     ids_L3: torch.Tensor
+
+
+class TextEncoder(Protocol):
+    """Prompts → FLUX's text inputs (context of joint_attention_dim, pooled of pooled_projection_dim). It
+    decides itself what carries gradients: `EditModel.encode_text` does not wrap it in no_grad."""
+
+    def __call__(self, prompts: list[str]) -> TextEmbeds: ...
 
 
 def pack(latents_BCHW: torch.Tensor) -> torch.Tensor:
@@ -65,12 +72,15 @@ class EditModel:
 
     `forward_module` is what gets called: the transformer itself, or its DDP/FSDP wrapper when training on
     several processes (so gradients are synchronised). Calls to `predict` and the backward pass run inside
-    `with adapter.task(task_ids):`, which gives the gates the batch's task embedding."""
+    `with adapter.task(task_ids):`, which gives the gates the batch's task embedding. `text_encoder`, when
+    given, replaces the pipeline's CLIP + T5 (which then need not be loaded)."""
 
-    def __init__(self, pipe, layout: str = "kontext", max_sequence_length: int = 512, forward_module=None):
+    def __init__(self, pipe, layout: str = "kontext", max_sequence_length: int = 512, forward_module=None,
+                 text_encoder: TextEncoder | None = None):
         self.pipe, self.layout, self.max_len = pipe, layout, max_sequence_length
         self.transformer = pipe.transformer
         self.forward_module = forward_module or pipe.transformer
+        self.text_encoder = text_encoder
 
     @torch.no_grad()
     def encode_images(self, images_B3HW: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -86,11 +96,13 @@ class EditModel:
         x = latents_BCHW.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
         return vae.decode(x).sample.clamp(-1, 1)
 
-    @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> TextEmbeds:
-        prompt, pooled, ids = self.pipe.encode_prompt(prompt=prompts, prompt_2=None,
-                                                      device=self.transformer.device,
-                                                      max_sequence_length=self.max_len)
+        if self.text_encoder is not None:
+            return self.text_encoder(prompts)  # a trainable AlignNet needs its graph kept
+        with torch.no_grad():
+            prompt, pooled, ids = self.pipe.encode_prompt(prompt=prompts, prompt_2=None,
+                                                          device=self.transformer.device,
+                                                          max_sequence_length=self.max_len)
         return TextEmbeds(prompt, pooled, ids)
 
     def predict(self, noisy_BCHW: torch.Tensor, reference_BCHW: torch.Tensor, text: TextEmbeds,

@@ -4,6 +4,7 @@ Same classes as FLUX.1-dev (FluxTransformer2DModel, AutoencoderKL, CLIP + T5 tex
 FlowMatchEulerDiscreteScheduler), shrunk to widths of 32 so `make train` and the tests run on a laptop and
 load through the very `from_pretrained` path a real checkpoint takes. The tokenizers are built from
 character vocabularies (no download): CLIP's byte-level BPE with no merges, T5's unigram over characters.
+`build_tiny_qwen25vl` does the same for the Qwen2.5-VL of the X2I text route (trainer/x2i.py).
 
     python -m trainer.tiny_flux models/tiny-flux
 """
@@ -68,6 +69,61 @@ def build_tiny_flux(path: str | Path, seed: int = 0) -> Path:
     tmp = path.with_name(path.name + ".building")
     pipe.save_pretrained(tmp)
     tmp.rename(path)  # a killed build leaves no half pipeline behind
+    return path
+
+
+QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                       "<|image_pad|>", "<|video_pad|>")
+# Qwen's chat format for text-only messages (content a string or a list of {"type": "text"} parts).
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}{{ part['text'] }}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def build_tiny_qwen25vl(path: str | Path, seed: int = 0) -> Path:
+    """A ~200 k-parameter Qwen2.5-VL (text hidden 64, 2 layers, vision depth 2) with its processor, written
+    with `save_pretrained` so `AutoProcessor` / `Qwen2_5_VLForConditionalGeneration.from_pretrained` load it.
+    Idempotent like `build_tiny_flux`."""
+    path = Path(path)
+    if (path / "config.json").exists():
+        return path
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                              Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    # Every byte is in the alphabet, so any instruction tokenises; the few merges come from these sentences.
+    bpe.train_from_iterator(
+        ["Remove the red object in the center of the image.", "Turn the photo into a watercolor painting.",
+         "Add a small dog next to the chair.", "edit 0 1 2 3 4 5 6 7 8 9", "user assistant system"],
+        trainers.BpeTrainer(vocab_size=400, special_tokens=list(QWEN_SPECIAL_TOKENS), show_progress=False,
+                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS[1:])})
+    pixels = {"min_pixels": 56 * 56, "max_pixels": 112 * 112}
+    processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels), tokenizer=tokenizer,
+                                    video_processor=Qwen2VLVideoProcessor(**pixels), chat_template=QWEN_CHAT_TEMPLATE)
+    ids = {tok: bpe.token_to_id(tok) for tok in QWEN_SPECIAL_TOKENS}
+    # head dim 64 / 4 = 16; the M-RoPE sections (time, height, width) split its 8 frequency pairs.
+    text = {"vocab_size": bpe.get_vocab_size(), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"]}
+    vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+              "fullatt_block_indexes": [1]}
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                              video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                              vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    tmp = path.with_name(path.name + ".building")
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    tmp.rename(path)
     return path
 
 

@@ -7,8 +7,10 @@
 Each step: VAE-encode target and reference, noise the target at σ, predict the velocity with the reference
 tokens in the sequence, loss = flow matching + λ · task InfoNCE over the double blocks' image-stream outputs.
 Checkpoints (`checkpoint-<step>`, written to a temporary name and renamed) hold the adapter, optimizer,
-scheduler, every process's RNG state; the data position is the step itself (the sampler seeks to it), so a
-killed run restarted with the same command continues exactly where its last checkpoint left it.
+scheduler, every process's RNG state (and a trainable AlignNet); the data position is the step itself (the
+sampler seeks to it), so a killed run restarted with the same command continues exactly where its last
+checkpoint left it. Text conditioning: FLUX's CLIP + T5, or with `text_encoder: x2i` Qwen2.5-VL + AlignNet
+(trainer/x2i.py), whose weights are exported as `alignnet.safetensors` beside the adapter.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from trainer.data import PairDataset, index_shards
 from trainer.losses import flow_matching_loss, sample_sigmas, task_infonce
 from trainer.model import EditModel
 from trainer.moe_lora import MoELoRAConfig
-from trainer.placement import get_adapter, install_moe_lora
+from trainer.placement import install_moe_lora
 from trainer.sampler import TaskBatchSampler
 
 
@@ -51,7 +53,18 @@ def load_pipeline(cfg: TrainConfig, dtype: torch.dtype):
         from trainer.tiny_flux import build_tiny_flux
 
         build_tiny_flux(cfg.base)
-    return FluxPipeline.from_pretrained(cfg.base, dtype=dtype)
+    # X2I replaces CLIP + T5: not loading them saves T5-XXL's 9.5 GB.
+    skip = {"text_encoder": None, "text_encoder_2": None} if cfg.text_encoder == "x2i" else {}
+    return FluxPipeline.from_pretrained(cfg.base, dtype=dtype, **skip)
+
+
+def load_x2i(cfg: TrainConfig, transformer, device: torch.device, dtype: torch.dtype):
+    from trainer.x2i import X2ITextEncoder
+
+    x = cfg.x2i
+    return X2ITextEncoder(x.mllm, x.alignnet, x.max_length, joint_dim=transformer.config.joint_attention_dim,
+                          pooled_dim=transformer.config.pooled_projection_dim, device=device, dtype=dtype,
+                          trainable=x.trainable)
 
 
 def train(cfg: TrainConfig) -> list[dict]:
@@ -67,16 +80,24 @@ def train(cfg: TrainConfig) -> list[dict]:
     adapter.to(accelerator.device, torch.float32)  # trainable weights stay fp32 under bf16 autocast
     if cfg.gradient_checkpointing:
         pipe.transformer.enable_gradient_checkpointing()
+    # After the adapter, so a random-init AlignNet draws from the seeded RNG without changing the adapter's init.
+    x2i = load_x2i(cfg, pipe.transformer, accelerator.device, weight_dtype) if cfg.text_encoder == "x2i" else None
+    trained = [pipe.transformer] + ([x2i.alignnet] if x2i is not None and x2i.trainable else [])
 
     dataset = PairDataset(index_shards(cfg.data), cfg.resolution)
     sampler = TaskBatchSampler(dataset.task_ids(), cfg.tasks_per_batch, cfg.pairs_per_task,
                                world_size=accelerator.num_processes, rank=accelerator.process_index, seed=cfg.seed,
                                groups=dataset.buckets())
-    params = [p for p in pipe.transformer.parameters() if p.requires_grad]
+    params = [p for module in trained for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
-    transformer, optimizer, scheduler = accelerator.prepare(pipe.transformer, optimizer, scheduler)
-    model = EditModel(pipe, cfg.reference_layout, cfg.max_sequence_length, forward_module=transformer)
+    # save_state/load_state checkpoint the prepared modules: model_0 the adapter, model_1 a trained AlignNet.
+    *prepared, optimizer, scheduler = accelerator.prepare(*trained, optimizer, scheduler)
+    transformer = prepared[0]
+    if len(prepared) > 1:
+        x2i.forward_alignnet = prepared[1]  # its DDP wrapper synchronises AlignNet's gradients too
+    model = EditModel(pipe, cfg.reference_layout, cfg.max_sequence_length, forward_module=transformer,
+                      text_encoder=x2i)
 
     keep_adapter_only(accelerator)
     step = 0
@@ -111,6 +132,10 @@ def train(cfg: TrainConfig) -> list[dict]:
     bar.close()
     if accelerator.is_main_process:
         save_adapter(accelerator.unwrap_model(transformer), out / "adapter", base_model_id=cfg.base)
+        if x2i is not None:  # also when frozen: the adapter was trained against exactly these weights
+            from trainer.x2i import ALIGNNET_NAME, save_alignnet
+
+            save_alignnet(x2i.alignnet, out / "adapter" / ALIGNNET_NAME, mllm=cfg.x2i.mllm)
         accelerator.print(f"adapter written to {out / 'adapter'}")
     accelerator.wait_for_everyone()
     return history
@@ -132,7 +157,7 @@ def train_step(cfg, model: EditModel, adapter, accelerator, transformer, optimiz
         task = task_infonce(features, batch["task_id"].to(device), cfg.contrastive.tau)
         loss = flow + cfg.contrastive.weight * task
         accelerator.backward(loss)  # inside the task scope: checkpointed blocks re-run their gates
-    if accelerator.sync_gradients:
+    if accelerator.sync_gradients:  # the reference clips the transformer only, not a trained AlignNet
         accelerator.clip_grad_norm_(transformer.parameters(), cfg.max_grad_norm)
     optimizer.step()
     scheduler.step()
