@@ -2,7 +2,7 @@
 column contracts, fragment commits, resume bookkeeping, the pack stage's shards + manifests + ledger) vs a
 plain single-process webdataset read → write loop. Reported as samples/s and their ratio, per size.
 
-    python -m bench.engine_overhead                  # sizes 1000 4000 16000
+    python -m bench.engine_overhead                  # sizes 1000 4000 16000; stages apart and colocated
     python -m bench.engine_overhead --sizes 500 2000
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from PIL import Image
 
 from manifests.inputs import InputUnit, read_unit
 from manifests.schema import LIVE, empty_row
-from stages.base import Stage, StageContext, to_table
+from stages.base import Stage, StageContext, StageGroup, to_table
 
 SAMPLES_PER_TAR = 1000
 
@@ -91,7 +91,7 @@ class Identity(Stage):
 IDENTITIES = {s: type(f"Identity{s.title()}", (Identity,), {"name": s}) for s in ("instruct", "edit", "score")}
 
 
-def engine_run(inputs: list[Path], run_dir: Path, shard_size: int) -> None:
+def engine_run(inputs: list[Path], run_dir: Path, shard_size: int, colocate: bool) -> None:
     import ray.data
 
     from pipeline import engine
@@ -104,8 +104,12 @@ def engine_run(inputs: list[Path], run_dir: Path, shard_size: int) -> None:
     units = [{"uri": str(p), "index": i} for i, p in enumerate(inputs)]
     ds = engine.apply_stage(ray.data.from_items(units, override_num_blocks=len(units)), RawSource, None, ctx,
                             recipe.resources.source)
-    for stage, cls in IDENTITIES.items():
-        ds = engine.apply_stage(ds, cls, None, ctx, getattr(recipe.resources, stage))
+    if colocate:  # the three stages in one actor pool, as `resources.colocate` does
+        ds = engine.apply_stage(ds, StageGroup, [(cls, None) for cls in IDENTITIES.values()], ctx,
+                                recipe.resources.instruct)
+    else:
+        for stage, cls in IDENTITIES.items():
+            ds = engine.apply_stage(ds, cls, None, ctx, getattr(recipe.resources, stage))
     engine.sink(ds, engine.stage_dir(run_dir, "score"), recipe.commit_rows)
     ledger, _ = engine.run_pack(recipe, ctx, run_dir)
     shards = sorted(str(p) for p in (run_dir / "shards").glob("*.tar"))
@@ -122,7 +126,7 @@ def main() -> None:
     from pipeline.cluster import connect
 
     connect()
-    print(f"{'N':>7} {'plain/s':>9} {'engine/s':>9} {'ratio':>6}")
+    print(f"{'N':>7} {'plain/s':>9} {'engine/s':>9} {'ratio':>6} {'colocated/s':>12} {'ratio':>6}")
     for n in args.sizes:
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
@@ -130,10 +134,12 @@ def main() -> None:
             t0 = time.perf_counter()
             plain_loop(inputs, tmp / "plain", args.shard_size)
             t1 = time.perf_counter()
-            engine_run(inputs, tmp / "engine", args.shard_size)
+            engine_run(inputs, tmp / "engine", args.shard_size, colocate=False)
             t2 = time.perf_counter()
-        plain, eng = n / (t1 - t0), n / (t2 - t1)
-        print(f"{n:>7} {plain:>9.0f} {eng:>9.0f} {eng / plain:>6.2f}", flush=True)
+            engine_run(inputs, tmp / "colocated", args.shard_size, colocate=True)
+            t3 = time.perf_counter()
+        plain, eng, colo = n / (t1 - t0), n / (t2 - t1), n / (t3 - t2)
+        print(f"{n:>7} {plain:>9.0f} {eng:>9.0f} {eng / plain:>6.2f} {colo:>12.0f} {colo / plain:>6.2f}", flush=True)
 
 
 if __name__ == "__main__":
