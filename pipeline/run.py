@@ -52,7 +52,8 @@ def _log_invocation(run_dir: Path, what: str, wall: float) -> list[dict]:
 
 
 def run(recipe_spec: str, run_dir: str, stage: str | None = None, address: str | None = None) -> dict | None:
-    from pipeline import engine
+    """The fused run (stage None) or one stage; returns the run report once the corpus is packed."""
+    from pipeline import engine  # Ray is imported only once a recipe has validated
     from pipeline.cluster import connect
     from pipeline.report import build_report, write_report
 
@@ -62,7 +63,7 @@ def run(recipe_spec: str, run_dir: str, stage: str | None = None, address: str |
     connect(address)
     ctx = StageContext(seed=recipe.seed, recipe_hash=recipe.hash(), run_dir=str(root))
     start = time.perf_counter()
-    if stage in (None, "fused"):
+    if stage is None:
         n = engine.run_fused(recipe, ctx, root)
         print(f"[x2edit] stages source→score committed {n} rows")
     elif stage != "pack":
