@@ -44,3 +44,17 @@ def test_edit_command_writes_an_image(tmp_path):
           "--max-sequence-length", "16", "--device", "cpu"])
     result = Image.open(out)
     assert result.size == (32, 32) and result.mode == "RGB"
+
+
+def test_an_llm_classifier_names_the_task_or_falls_back_to_the_rules(tmp_path):
+    from trainer.classify import LLMTaskClassifier, label_in
+    from trainer.tiny_flux import build_tiny_qwen2_lm
+
+    assert label_in("删除主体") == 1 and label_in("Answer: camera_movement.") == 12
+    assert label_in("I think style change, not background") == 3  # the first label named wins
+    assert label_in("no idea") is None
+    classifier = LLMTaskClassifier(str(build_tiny_qwen2_lm(tmp_path / "lm")))
+    instruction = "Remove the red object"
+    raw = classifier.answer(instruction)  # a random-weight LM: any text at all
+    expected = label_in(raw) if label_in(raw) is not None else classify(instruction)
+    assert classifier(instruction) == expected == resolve_task(None, instruction, classifier)

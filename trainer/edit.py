@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from trainer.adapter_io import load_adapter, read_adapter_config
-from trainer.classify import resolve_task
+from trainer.classify import LLMTaskClassifier, resolve_task
 from trainer.data import fit
 from trainer.model import EditModel, TextEncoder
 
@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--instruction", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--task", help="task name or id (default: classify the instruction)")
+    parser.add_argument("--classifier", help="a chat LM (path or id) that names the task; default: keyword rules")
     parser.add_argument("--lora", help="a community LoRA to fuse into the base first")
     parser.add_argument("--lora-scale", type=float, default=1.0)
     parser.add_argument("--resolution", type=int, default=512)
@@ -120,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
         text_encoder = X2ITextEncoder(args.x2i_mllm, alignnet, args.max_sequence_length,
                                       joint_dim=config.joint_attention_dim,
                                       pooled_dim=config.pooled_projection_dim, device=args.device, dtype=dtype)
-    task_id = resolve_task(args.task, args.instruction)
+    classifier = LLMTaskClassifier(args.classifier, args.device) if args.classifier and not args.task else None
+    task_id = resolve_task(args.task, args.instruction, classifier)
     result = edit(pipe, adapter, Image.open(args.image), args.instruction, task_id, resolution=args.resolution,
                   steps=args.steps, guidance=args.guidance, seed=args.seed,
                   max_sequence_length=args.max_sequence_length, text_encoder=text_encoder)

@@ -82,16 +82,10 @@ QWEN_CHAT_TEMPLATE = (
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def build_tiny_qwen25vl(path: str | Path, seed: int = 0) -> Path:
-    """A ~200 k-parameter Qwen2.5-VL (text hidden 64, 2 layers, vision depth 2) with its processor, written
-    with `save_pretrained` so `AutoProcessor` / `Qwen2_5_VLForConditionalGeneration.from_pretrained` load it.
-    Idempotent like `build_tiny_flux`."""
-    path = Path(path)
-    if (path / "config.json").exists():
-        return path
+def _qwen_tokenizer():
+    """A byte-level BPE with Qwen's special tokens, trained on a few sentences: any text tokenises."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
-                              Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+    from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
@@ -103,12 +97,46 @@ def build_tiny_qwen25vl(path: str | Path, seed: int = 0) -> Path:
                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS[1:])})
+    return tokenizer, {tok: bpe.token_to_id(tok) for tok in QWEN_SPECIAL_TOKENS}
+
+
+def build_tiny_qwen2_lm(path: str | Path, seed: int = 0) -> Path:
+    """A tiny Qwen2 causal LM with a chat template: the text-only classifier the reference uses Qwen3 for."""
+    path = Path(path)
+    if (path / "config.json").exists():
+        return path
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer, ids = _qwen_tokenizer()
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                                         pad_token_id=ids["<|endoftext|>"]))
+    tmp = path.with_name(path.name + ".building")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(path)
+    return path
+
+
+def build_tiny_qwen25vl(path: str | Path, seed: int = 0) -> Path:
+    """A ~200 k-parameter Qwen2.5-VL (text hidden 64, 2 layers, vision depth 2) with its processor, written
+    with `save_pretrained` so `AutoProcessor` / `Qwen2_5_VLForConditionalGeneration.from_pretrained` load it.
+    Idempotent like `build_tiny_flux`."""
+    path = Path(path)
+    if (path / "config.json").exists():
+        return path
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+
+    tokenizer, ids = _qwen_tokenizer()
     pixels = {"min_pixels": 56 * 56, "max_pixels": 112 * 112}
     processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels), tokenizer=tokenizer,
                                     video_processor=Qwen2VLVideoProcessor(**pixels), chat_template=QWEN_CHAT_TEMPLATE)
-    ids = {tok: bpe.token_to_id(tok) for tok in QWEN_SPECIAL_TOKENS}
     # head dim 64 / 4 = 16; the M-RoPE sections (time, height, width) split its 8 frequency pairs.
-    text = {"vocab_size": bpe.get_vocab_size(), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    text = {"vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
             "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
