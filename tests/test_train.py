@@ -73,3 +73,28 @@ def test_two_processes_train_with_accelerate_launch(setup, tmp_path):
     assert (checkpoint / "random_states_0.pkl").exists() and (checkpoint / "random_states_1.pkl").exists()
     log = [json.loads(line) for line in (setup["root"] / "two" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2]  # written once, by the main process
+
+
+def test_sigkill_mid_run_then_restart_continues_exactly(setup, tmp_path):
+    """Killed at an arbitrary step (whatever it was doing), restarted with the same command: every step after
+    the last checkpoint is recomputed and equals the uninterrupted run's."""
+    import signal
+    import time
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps(_cfg(setup, "killed", 12).model_dump()))
+    command = [sys.executable, "-m", "trainer.train", "--recipe", str(recipe)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = setup["root"] / "killed"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "checkpoint-2").exists() and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "adapter").exists(), "the run ended before the kill"
+    subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    straight = {r["step"]: r for r in train(_cfg(setup, "unkilled", 12))}
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert {r["step"] for r in log} == set(range(1, 13))
+    assert all(r == straight[r["step"]] for r in log)  # recomputed steps, too, equal the uninterrupted run
