@@ -175,9 +175,8 @@ def test_task_scope_is_cleared_and_does_not_nest():
     adapter = install_moe_lora(transformer, TINY_ADAPTER)
     with adapter.task(torch.tensor([1])):
         assert adapter.current_task().shape == (1, 32)
-        with pytest.raises(RuntimeError, match="nest"):
-            with adapter.task(torch.tensor([2])):
-                pass
+        with pytest.raises(RuntimeError, match="nest"), adapter.task(torch.tensor([2])):
+            raise AssertionError("a nested task scope was entered")
     with pytest.raises(RuntimeError, match="adapter.task"):
         adapter.current_task()
     with pytest.raises(ValueError, match="already has"):
