@@ -50,7 +50,6 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # 
 
 import torch
 
-from trainer.losses import flow_matching_loss, sample_sigmas, task_infonce
 from trainer.model import EditModel, TextEmbeds
 from trainer.moe_lora import MoELoRAConfig
 from trainer.placement import install_moe_lora
@@ -135,16 +134,12 @@ def make_batch(cfg: dict, b: int, latent: int, n_txt: int, num_tasks: int, devic
 
 
 def train_step(model: EditModel, adapter, optimizer, params, batch, device: str) -> float:
-    """trainer.train.train_step without the encoders; accelerate's autocast/backward/clip are these calls."""
+    """trainer.train.train_step without the encoders (same `EditModel.loss`); accelerate's autocast,
+    backward and clip are these calls."""
     target, reference, text, task_ids = batch
-    noise = torch.randn_like(target)
-    sigma = sample_sigmas(target.shape[0], TIMESTEPS).to(device)
-    s = sigma.view(-1, 1, 1, 1).to(target.dtype)
-    noisy = (1 - s) * target + s * noise
-    features: list[torch.Tensor] = []
     with adapter.task(task_ids), torch.autocast(device, dtype=torch.bfloat16):
-        pred = model.predict(noisy, reference, text, sigma, GUIDANCE, features)
-        loss = flow_matching_loss(pred, target, noise) + LAMBDA * task_infonce(features, task_ids, TAU)
+        loss, _, _ = model.loss(target, reference, text, task_ids, timesteps=TIMESTEPS, guidance=GUIDANCE,
+                                tau=TAU, weight=LAMBDA)
         loss.backward()  # inside the task scope: checkpointed blocks re-run their gates
     torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
     optimizer.step()

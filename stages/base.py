@@ -13,11 +13,12 @@ import traceback
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
 from manifests.config import Strict
-from manifests.images import contact_thumb
+from manifests.images import contact_thumb, decode_image
 from manifests.schema import FAILED, HEAVY_COLUMNS, LIVE, ROW_SCHEMA
 
 
@@ -42,6 +43,14 @@ class StageContext:
     seed: int
     recipe_hash: str
     run_dir: str
+
+
+OWN_IMAGE_MAX_PIXELS = 1 << 28  # rows carry images the source stage already checked and resized
+
+
+def decode_own(data: bytes) -> np.ndarray:
+    """Decode an image this pipeline encoded itself (a row's src/edited), through the same safe decoder."""
+    return decode_image(data, max_pixels=OWN_IMAGE_MAX_PIXELS)
 
 
 class ContractError(RuntimeError):

@@ -7,12 +7,11 @@ from typing import Literal
 import numpy as np
 
 from manifests.config import Strict
-from manifests.images import decode_image, decode_mask, encode_jpeg, encode_mask
-from stages.base import Stage
+from manifests.images import decode_mask, encode_jpeg, encode_mask
+from stages.base import Stage, decode_own
 from workers.base import EditRequest, Subject
 from workers.classical_editor import ClassicalEditor
 
-MAX_DECODE_PIXELS = 1 << 28
 EDITORS = {"classical": ClassicalEditor}
 
 
@@ -40,7 +39,7 @@ class EditStage(Stage):
         self.editor = EDITORS[cfg.backend]()
 
     def process_row(self, row: dict) -> list[dict]:
-        image = decode_image(row["src"], max_pixels=MAX_DECODE_PIXELS)
+        image = decode_own(row["src"])
         request = EditRequest(op=row["op"], params=json.loads(row["params"]), instruction_en=row["instruction_en"],
                               instruction_zh=row["instruction_zh"], seed=row["seed"], subject=subject_from(row))
         result = self.editor.edit(image, request)

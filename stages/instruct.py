@@ -16,16 +16,15 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from manifests.config import Strict
-from manifests.images import decode_image, encode_mask
+from manifests.images import encode_mask
 from manifests.mix import smooth_wrr
 from manifests.schema import REJECTED, make_pair_id, stable_seed
 from manifests.taxonomy import task_by_name
-from stages.base import Stage, end_row
+from stages.base import Stage, decode_own, end_row
 from workers.classical_editor import ClassicalEditor
 from workers.rule_instructor import RuleInstructor
 
 SEQUENCE_LENGTH = 1009  # prime, so positions p·k wrap around the whole sequence
-MAX_DECODE_PIXELS = 1 << 28  # src was already checked and resized by the source stage
 
 
 class SubjectGate(Strict):
@@ -81,7 +80,7 @@ class InstructStage(Stage):
         self.worker = RuleInstructor(cfg.subject.min_area, cfg.subject.max_area)
 
     def process_row(self, row: dict) -> list[dict]:
-        image = decode_image(row["src"], max_pixels=MAX_DECODE_PIXELS)
+        image = decode_own(row["src"])
         subject = self.worker.analyze(image)
         k = self.cfg.tasks_per_source
         sample_seed = stable_seed(self.ctx.seed, row["sample_id"])

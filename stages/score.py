@@ -8,12 +8,11 @@ from pydantic import field_validator
 from filters.heuristics import edit_scores, image_scores
 from filters.policy import Rule, decide, rules_for
 from manifests.config import Strict
-from manifests.images import decode_image, decode_mask
+from manifests.images import decode_mask
 from manifests.schema import REJECTED
 from manifests.taxonomy import task_by_name
-from stages.base import Stage, end_row
+from stages.base import Stage, decode_own, end_row
 
-MAX_DECODE_PIXELS = 1 << 28
 
 
 class ScoreConfig(Strict):
@@ -34,8 +33,8 @@ class ScoreStage(Stage):
     adds = ("scores", "thresholds")
 
     def process_row(self, row: dict) -> list[dict]:
-        src = decode_image(row["src"], max_pixels=MAX_DECODE_PIXELS)
-        edited = decode_image(row["edited"], max_pixels=MAX_DECODE_PIXELS)
+        src = decode_own(row["src"])
+        edited = decode_own(row["edited"])
         mask = decode_mask(row["mask"]) if row["mask"] is not None else None
         scores = {**json.loads(row["scores"] or "{}"), **image_scores(src, "src"),
                   **image_scores(edited, "edited"), **edit_scores(src, edited, mask)}

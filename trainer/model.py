@@ -22,6 +22,8 @@ from typing import Iterator, Protocol
 
 import torch
 
+from trainer.losses import flow_matching_loss, sample_sigmas, task_infonce
+
 LAYOUTS = ("kontext", "row_offset")
 
 
@@ -124,6 +126,22 @@ class EditModel:
                 encoder_hidden_states=text.prompt_BLD.to(dtype), pooled_projections=text.pooled_BD.to(dtype),
                 timestep=sigma_B.to(dtype), img_ids=img_ids, txt_ids=text.ids_L3, return_dict=False, **kwargs)[0]
         return unpack(out_BNP[:, :n], h, w)
+
+    def loss(self, target_BCHW: torch.Tensor, reference_BCHW: torch.Tensor, text: TextEmbeds,
+             task_ids_B: torch.Tensor, *, timesteps: str, guidance: float, tau: float,
+             weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(total, flow matching, task InfoNCE) for clean latents: noise the target at σ, predict, score.
+
+        Call inside `with adapter.task(task_ids):` (and autocast), and run the backward pass there too."""
+        noise = torch.randn_like(target_BCHW)
+        sigma_B = sample_sigmas(target_BCHW.shape[0], timesteps).to(target_BCHW.device)
+        s = sigma_B.view(-1, 1, 1, 1).to(target_BCHW.dtype)
+        noisy = (1 - s) * target_BCHW + s * noise
+        features: list[torch.Tensor] = []
+        pred = self.predict(noisy, reference_BCHW, text, sigma_B, guidance, features)
+        flow = flow_matching_loss(pred, target_BCHW, noise)
+        task = task_infonce(features, task_ids_B, tau)
+        return flow + weight * task, flow, task
 
     @contextmanager
     def _capture(self, features: list[torch.Tensor] | None, n_target: int) -> Iterator[None]:

@@ -27,7 +27,6 @@ from tqdm import tqdm
 from trainer.adapter_io import save_adapter
 from trainer.config import TrainConfig, load_train_config
 from trainer.data import PairDataset, index_shards
-from trainer.losses import flow_matching_loss, sample_sigmas, task_infonce
 from trainer.model import EditModel
 from trainer.moe_lora import MoELoRAConfig
 from trainer.placement import install_moe_lora
@@ -146,16 +145,10 @@ def train_step(cfg, model: EditModel, adapter, accelerator, transformer, optimiz
     target = model.encode_images(batch["target"])
     reference = model.encode_images(batch["source"])
     text = model.encode_text(batch["instruction"])
-    noise = torch.randn_like(target)
-    sigma = sample_sigmas(target.shape[0], cfg.timesteps).to(device)
-    s = sigma.view(-1, 1, 1, 1).to(target.dtype)
-    noisy = (1 - s) * target + s * noise
-    features: list[torch.Tensor] = []
-    with adapter.task(batch["task_id"].to(device)), accelerator.autocast():
-        pred = model.predict(noisy, reference, text, sigma, cfg.guidance, features)
-        flow = flow_matching_loss(pred, target, noise)
-        task = task_infonce(features, batch["task_id"].to(device), cfg.contrastive.tau)
-        loss = flow + cfg.contrastive.weight * task
+    task_ids = batch["task_id"].to(device)
+    with adapter.task(task_ids), accelerator.autocast():
+        loss, flow, task = model.loss(target, reference, text, task_ids, timesteps=cfg.timesteps,
+                                      guidance=cfg.guidance, tau=cfg.contrastive.tau, weight=cfg.contrastive.weight)
         accelerator.backward(loss)  # inside the task scope: checkpointed blocks re-run their gates
     if accelerator.sync_gradients:  # the reference clips the transformer only, not a trained AlignNet
         accelerator.clip_grad_norm_(transformer.parameters(), cfg.max_grad_norm)
