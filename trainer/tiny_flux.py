@@ -19,6 +19,16 @@ import torch
 TEXT_DIM = 32
 
 
+def _publish(path: Path, *parts) -> Path:
+    """`save_pretrained` every part into a temporary folder, then rename it: a killed build leaves no half
+    model behind, and the next call (which looks for the finished folder) builds it again."""
+    tmp = path.with_name(path.name + ".building")
+    for part in parts:
+        part.save_pretrained(tmp)
+    tmp.rename(path)
+    return path
+
+
 def _clip_tokenizer():
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import CLIPTokenizer
@@ -66,10 +76,7 @@ def build_tiny_flux(path: str | Path, seed: int = 0) -> Path:
                                                 max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
     pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=clip_tok, text_encoder_2=t5,
                         tokenizer_2=t5_tok, transformer=transformer)
-    tmp = path.with_name(path.name + ".building")
-    pipe.save_pretrained(tmp)
-    tmp.rename(path)  # a killed build leaves no half pipeline behind
-    return path
+    return _publish(path, pipe)
 
 
 QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -114,11 +121,7 @@ def build_tiny_qwen2_lm(path: str | Path, seed: int = 0) -> Path:
                                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                                          bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                                          pad_token_id=ids["<|endoftext|>"]))
-    tmp = path.with_name(path.name + ".building")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(path)
-    return path
+    return _publish(path, model, tokenizer)
 
 
 def build_tiny_qwen25vl(path: str | Path, seed: int = 0) -> Path:
@@ -148,11 +151,7 @@ def build_tiny_qwen25vl(path: str | Path, seed: int = 0) -> Path:
                               vision_end_token_id=ids["<|vision_end|>"])
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config)
-    tmp = path.with_name(path.name + ".building")
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    tmp.rename(path)
-    return path
+    return _publish(path, model, processor)
 
 
 if __name__ == "__main__":
