@@ -16,7 +16,6 @@ from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from manifests.commit import TMP_MARKER, atomic_write_parquet
@@ -73,9 +72,3 @@ def done_ids(directory: Path) -> set[str]:
     complete = {s for s, n in have.items() if n >= (expected[s] or 1)}
     return set(units) | complete
 
-
-def filter_not_done(table: pa.Table, done: set[str]) -> pa.Table:
-    if not done:
-        return table
-    mask = pc.invert(pc.is_in(table.column("unit_id"), value_set=pa.array(sorted(done), pa.string())))
-    return table.filter(mask)
