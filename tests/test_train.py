@@ -1,4 +1,4 @@
-"""The trainer end to end on the tiny FLUX: exact resume, adapter export, two processes with accelerate."""
+"""The trainer end to end on the tiny FLUX: exact resume, adapter export, two processes (DDP, FSDP2) with accelerate."""
 from __future__ import annotations
 
 import json
@@ -59,9 +59,10 @@ def test_the_exported_adapter_loads_into_a_fresh_transformer(setup):
     assert set(loaded) == set(saved) and all(torch.equal(loaded[k].detach(), saved[k]) for k in saved)
 
 
-def test_two_processes_train_with_accelerate_launch(setup, tmp_path):
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(json.dumps(_cfg(setup, "two", 2).model_dump()))  # JSON is YAML
+def _launch(setup, tmp_path, out: str, steps: int, **overrides) -> list[dict]:
+    """`accelerate launch` with two CPU processes (gloo); returns the run's log."""
+    recipe = tmp_path / f"{out}.yaml"
+    recipe.write_text(json.dumps(_cfg(setup, out, steps).model_copy(update=overrides).model_dump()))  # JSON is YAML
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
         [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
@@ -69,10 +70,46 @@ def test_two_processes_train_with_accelerate_launch(setup, tmp_path):
          "-m", "trainer.train", "--recipe", str(recipe)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    checkpoint = setup["root"] / "two" / "checkpoint-2"
-    assert (checkpoint / "random_states_0.pkl").exists() and (checkpoint / "random_states_1.pkl").exists()
-    log = [json.loads(line) for line in (setup["root"] / "two" / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2]  # written once, by the main process
+    return [json.loads(line) for line in (setup["root"] / out / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def ddp_log(setup, tmp_path_factory):
+    return _launch(setup, tmp_path_factory.mktemp("ddp"), "ddp", 4)
+
+
+def test_two_processes_train_with_accelerate_launch(setup, ddp_log):
+    checkpoint = setup["root"] / "ddp" / "checkpoint-4"
+    assert (checkpoint / "rng-0.pt").exists() and (checkpoint / "rng-1.pt").exists()
+    assert [r["step"] for r in ddp_log] == [1, 2, 3, 4]  # written once, by the main process
+
+
+def test_fsdp_trains_like_ddp_and_resumes_exactly(setup, ddp_log, tmp_path):
+    """FSDP2 on two processes (with gradient checkpointing): the same losses as DDP up to the order of the
+    gradient reductions, each process writes its own half of the checkpoint, the exported adapter is the
+    whole one, and a run resumed from the step-2 checkpoint repeats steps 3-4 bit for bit."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    fsdp = _launch(setup, tmp_path, "fsdp", 4, fsdp=True, gradient_checkpointing=True)
+    assert [r["step"] for r in fsdp] == [1, 2, 3, 4]
+    for a, b in zip(fsdp, ddp_log):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["task"] == pytest.approx(b["task"], rel=1e-5)
+    shards = sorted((setup["root"] / "fsdp" / "checkpoint-2").glob("*.distcp"))
+    sizes = [p.stat().st_size for p in shards]
+    assert len(shards) == 2 and min(sizes) > 0.4 * sum(sizes)  # sharded: half each, not one full copy
+
+    adapters = [load_file(setup["root"] / run / "adapter" / "adapter.safetensors") for run in ("fsdp", "ddp")]
+    assert adapters[0].keys() == adapters[1].keys()
+    for key, value in adapters[0].items():
+        torch.testing.assert_close(value, adapters[1][key], rtol=1e-4, atol=1e-6, msg=key)
+
+    resumed = setup["root"] / "fsdp-resumed"
+    resumed.mkdir()
+    shutil.copytree(setup["root"] / "fsdp" / "checkpoint-2", resumed / "checkpoint-2")
+    again = _launch(setup, tmp_path, "fsdp-resumed", 4, fsdp=True, gradient_checkpointing=True)
+    assert again == fsdp[2:]
 
 
 def test_sigkill_mid_run_then_restart_continues_exactly(setup, tmp_path):

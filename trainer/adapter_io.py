@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from trainer.distributed import full_tensor
 from trainer.moe_lora import MoELoRAAdapter, MoELoRAConfig
 from trainer.placement import get_adapter, inner_dim, install_moe_lora, remove_moe_lora
 
@@ -28,16 +29,19 @@ FORMAT_VERSION = 1
 
 
 def save_adapter(model: nn.Module, directory: str | Path, base_model_id: str,
-                 dtype: torch.dtype | None = None) -> Path:
+                 dtype: torch.dtype | None = None, write: bool = True) -> Path:
     """Write the adapter of `model` (a transformer carrying one, or the adapter itself); `dtype` casts the
-    tensors on the way out (e.g. torch.bfloat16 halves the 3.9 GB of an fp32 FLUX.1 adapter)."""
+    tensors on the way out (e.g. torch.bfloat16 halves the 3.9 GB of an fp32 FLUX.1 adapter). An FSDP-sharded
+    adapter is gathered: every process calls this, and only the one with `write` writes."""
     adapter = model if isinstance(model, MoELoRAAdapter) else get_adapter(model)
     if adapter is None:
         raise ValueError(f"{type(model).__name__} carries no MoE-LoRA adapter")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {name: p.detach().to("cpu", dtype or p.dtype).contiguous()
+    tensors = {name: full_tensor(p.detach()).to("cpu", dtype or p.dtype).contiguous()
                for name, p in adapter.named_adapter_parameters()}
+    if not write:
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "base_model_id": base_model_id,
               **dataclasses.asdict(adapter.config), "task_dim": adapter.task_embedding.embedding_dim,
               "sites": list(adapter.sites)}

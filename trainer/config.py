@@ -54,6 +54,7 @@ class TrainConfig(Strict):
     x2i: X2IConfig | None = None
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
+    fsdp: bool = False  # shard base, adapter and optimizer states over the processes (FSDP2) instead of DDP
     checkpoint_every: int = Field(100, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     num_workers: int = Field(0, ge=0)

@@ -157,22 +157,33 @@ class MoELoRAAdapter(nn.Module):
         self.config = config
         self.task_embedding = nn.Embedding(config.num_tasks, task_dim, device=device)  # N(0,1) as reference
         self.sites: dict[str, MoELoRALinear] = {}
+        self._task_ids_B: torch.Tensor | None = None
         self._task_BC: torch.Tensor | None = None
+        self.hook = None  # the transformer's pre-forward hook running `embed_task`, set by install_moe_lora
 
     @contextmanager
     def task(self, task_ids_B: torch.Tensor) -> Iterator[None]:
-        if self._task_BC is not None:
+        if self._task_ids_B is not None:
             raise RuntimeError("adapter.task(...) scopes do not nest")
-        self._task_BC = self.task_embedding(task_ids_B.to(self.task_embedding.weight.device))
+        self._task_ids_B = task_ids_B.to(self.task_embedding.weight.device)
         try:
             yield
         finally:
-            self._task_BC = None
+            self._task_ids_B = self._task_BC = None
+
+    def embed_task(self, *_) -> None:
+        """Forward pre-hook on the transformer (install_moe_lora): looks the batch's task embedding up once per
+        scope, inside the transformer's forward, where FSDP has gathered the embedding's weight, and before the
+        first block, so a gradient-checkpointed block's recompute repeats exactly the ops of its forward."""
+        if self._task_ids_B is not None:
+            self.current_task()
 
     def current_task(self) -> torch.Tensor:
-        if self._task_BC is None:
+        if self._task_ids_B is None:
             raise RuntimeError("MoE-LoRA needs the batch's task ids: run the transformer (and, with gradient "
                                "checkpointing, the backward pass) inside `with adapter.task(task_ids):`")
+        if self._task_BC is None:
+            self._task_BC = self.task_embedding(self._task_ids_B)
         return self._task_BC
 
     def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True,

@@ -56,6 +56,7 @@ def install_moe_lora(transformer: nn.Module, config: MoELoRAConfig = MoELoRAConf
         transformer.set_submodule(site, layer)
         adapter.sites[site] = layer
     setattr(transformer, ADAPTER_ATTR, adapter)
+    adapter.hook = transformer.register_forward_pre_hook(adapter.embed_task)
     return adapter
 
 
@@ -70,4 +71,5 @@ def remove_moe_lora(transformer: nn.Module) -> None:
         raise ValueError("this transformer has no MoE-LoRA installed")
     for site, layer in adapter.sites.items():
         transformer.set_submodule(site, layer.base)
+    adapter.hook.remove()
     delattr(transformer, ADAPTER_ATTR)

@@ -3,39 +3,35 @@
     python -m trainer.train --recipe trainer/recipes/tiny-cpu.yaml               # CPU, tiny FLUX (make train)
     accelerate launch --multi_gpu --num_processes 8 -m trainer.train --recipe trainer/recipes/flux-dev-gpu.yaml
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 -m trainer.train --recipe ...  # gloo
+    (DDP by default; `fsdp: true` in the recipe shards the model with FSDP2: trainer/distributed.py)
 
 Each step: VAE-encode target and reference, noise the target at σ, predict the velocity with the reference
 tokens in the sequence, loss = flow matching + λ · task InfoNCE over the double blocks' image-stream outputs.
-Checkpoints (`checkpoint-<step>`, written to a temporary name and renamed) hold the adapter, optimizer,
-scheduler, every process's RNG state (and a trainable AlignNet); the data position is the step itself (the
-sampler seeks to it), so a killed run restarted with the same command continues exactly where its last
-checkpoint left it. Text conditioning: FLUX's CLIP + T5, or with `text_encoder: x2i` Qwen2.5-VL + AlignNet
+A killed run restarted with the same command continues exactly where its last checkpoint left it
+(trainer/checkpoint.py). Text conditioning: FLUX's CLIP + T5, or with `text_encoder: x2i` Qwen2.5-VL + AlignNet
 (trainer/x2i.py), whose weights are exported as `alignnet.safetensors` beside the adapter.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
+from torch import nn
 from tqdm import tqdm
 
 from trainer.adapter_io import save_adapter
+from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig, load_train_config
+from trainer.distributed import check_launch, shard
 from trainer.data import PairDataset, index_shards
 from trainer.model import EditModel
 from trainer.moe_lora import MoELoRAConfig
 from trainer.placement import install_moe_lora
 from trainer.sampler import TaskBatchSampler
-
-
-def latest_checkpoint(out_dir: Path) -> tuple[int, Path] | None:
-    done = [(int(p.name.split("-")[1]), p) for p in out_dir.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
-    return max(done) if done else None
 
 
 def collate(items: list[dict]) -> dict:
@@ -68,6 +64,7 @@ def load_x2i(cfg: TrainConfig, transformer, device: torch.device, dtype: torch.d
 
 def train(cfg: TrainConfig) -> list[dict]:
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    check_launch(accelerator)
     out = Path(cfg.out_dir)
     weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.mixed_precision]
     pipe = load_pipeline(cfg, weight_dtype)
@@ -82,6 +79,9 @@ def train(cfg: TrainConfig) -> list[dict]:
     # After the adapter, so a random-init AlignNet draws from the seeded RNG without changing the adapter's init.
     x2i = load_x2i(cfg, pipe.transformer, accelerator.device, weight_dtype) if cfg.text_encoder == "x2i" else None
     trained = [pipe.transformer] + ([x2i.alignnet] if x2i is not None and x2i.trainable else [])
+    sharded = cfg.fsdp and accelerator.num_processes > 1
+    if sharded:  # before the optimizer is built: it must hold the sharded parameters
+        shard(pipe.transformer, trained[1:], accelerator)
 
     dataset = PairDataset(index_shards(cfg.data), cfg.resolution)
     sampler = TaskBatchSampler(dataset.task_ids(), cfg.tasks_per_batch, cfg.pairs_per_task,
@@ -90,19 +90,21 @@ def train(cfg: TrainConfig) -> list[dict]:
     params = [p for module in trained for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
-    # save_state/load_state checkpoint the prepared modules: model_0 the adapter, model_1 a trained AlignNet.
-    *prepared, optimizer, scheduler = accelerator.prepare(*trained, optimizer, scheduler)
-    transformer = prepared[0]
-    if len(prepared) > 1:
-        x2i.forward_alignnet = prepared[1]  # its DDP wrapper synchronises AlignNet's gradients too
+    # Sharded modules synchronise their own gradients; the others get accelerate's DDP wrappers.
+    *prepared, optimizer, scheduler = accelerator.prepare(*([] if sharded else trained), optimizer, scheduler)
+    transformer, *forward_alignnet = prepared or trained
+    if forward_alignnet:
+        x2i.forward_alignnet = forward_alignnet[0]
     model = EditModel(pipe, cfg.reference_layout, cfg.max_sequence_length, forward_module=transformer,
                       text_encoder=x2i)
 
-    keep_adapter_only(accelerator)
+    # What a checkpoint holds: the trainable tensors of the trained modules and their optimizer states.
+    state = (nn.ModuleDict({"transformer": trained[0], "alignnet": trained[1]}) if len(trained) > 1
+             else trained[0]), optimizer.optimizer, scheduler
     step = 0
     if (found := latest_checkpoint(out)) is not None:
         step, path = found
-        accelerator.load_state(str(path), strict=False)  # adapter, optimizer, scheduler, every RNG
+        load_checkpoint(accelerator, path, *state)
         accelerator.print(f"resumed from {path}")
     else:  # noise and timesteps differ between processes; a resumed run gets them back from its checkpoint
         torch.manual_seed(cfg.seed + 1 + accelerator.process_index)
@@ -127,15 +129,16 @@ def train(cfg: TrainConfig) -> list[dict]:
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            save_checkpoint(accelerator, out, step, cfg.keep_checkpoints)
+            save_checkpoint(accelerator, out, step, cfg.keep_checkpoints, *state)
     bar.close()
-    if accelerator.is_main_process:
-        save_adapter(accelerator.unwrap_model(transformer), out / "adapter", base_model_id=cfg.base)
-        if x2i is not None:  # also when frozen: the adapter was trained against exactly these weights
-            from trainer.x2i import ALIGNNET_NAME, save_alignnet
+    # Every process takes part (a sharded tensor is gathered from all of them); the main one writes.
+    write = accelerator.is_main_process
+    save_adapter(pipe.transformer, out / "adapter", base_model_id=cfg.base, write=write)
+    if x2i is not None:  # also when frozen: the adapter was trained against exactly these weights
+        from trainer.x2i import ALIGNNET_NAME, save_alignnet
 
-            save_alignnet(x2i.alignnet, out / "adapter" / ALIGNNET_NAME, mllm=cfg.x2i.mllm)
-        accelerator.print(f"adapter written to {out / 'adapter'}")
+        save_alignnet(x2i.alignnet, out / "adapter" / ALIGNNET_NAME, mllm=cfg.x2i.mllm, write=write)
+    accelerator.print(f"adapter written to {out / 'adapter'}")
     accelerator.wait_for_everyone()
     return history
 
@@ -158,30 +161,6 @@ def train_step(cfg, model: EditModel, adapter, accelerator, transformer, optimiz
     logged = accelerator.reduce(torch.stack([loss, flow, task]).detach(), reduction="mean")  # over processes
     return {"loss": logged[0].item(), "flow": logged[1].item(), "task": logged[2].item(),
             "lr": scheduler.get_last_lr()[0]}
-
-
-def keep_adapter_only(accelerator: Accelerator) -> None:
-    """Checkpoints hold the trainable weights only: the frozen FLUX weights are 24 GB and never change."""
-    def save_hook(models, weights, output_dir):
-        for i, model in enumerate(models):
-            trainable = {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
-            weights[i] = {k: v for k, v in weights[i].items() if k in trainable}
-
-    accelerator.register_save_state_pre_hook(save_hook)
-
-
-def save_checkpoint(accelerator: Accelerator, out: Path, step: int, keep: int) -> None:
-    final, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        tmp.rename(final)  # a checkpoint exists only once it is complete
-        for old in sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -78,13 +78,18 @@ def load_alignnet(net: AlignNet, path: str | Path) -> None:
     net.load_state_dict(state)
 
 
-def save_alignnet(net: AlignNet, path: str | Path, mllm: str) -> Path:
-    """Reference parameter names, fp32; the MLLM it was trained against goes into the metadata."""
+def save_alignnet(net: AlignNet, path: str | Path, mllm: str, write: bool = True) -> Path:
+    """Reference parameter names, fp32; the MLLM it was trained against goes into the metadata. A sharded
+    AlignNet is gathered: every process calls this, and only the one with `write` writes."""
     from safetensors.torch import save_file
 
+    from trainer.distributed import full_tensor
+
     path = Path(path)
+    tensors = {k: full_tensor(v.detach()).to("cpu", torch.float32).contiguous() for k, v in net.state_dict().items()}
+    if not write:
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in net.state_dict().items()}
     save_file(tensors, str(path), metadata={"format": ALIGNNET_FORMAT, "mllm": mllm})
     return path
 

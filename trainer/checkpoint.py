@@ -1,0 +1,96 @@
+"""Checkpoints that a killed run restarts from exactly: `<out>/checkpoint-<step>/`.
+
+    .metadata, *.distcp   the trainable tensors (adapter, a trained AlignNet) and their optimizer states, as a
+                          torch distributed checkpoint: each process writes its own shard under FSDP, one copy
+                          is written under DDP
+    scheduler.pt          the learning-rate schedule
+    rng-<rank>.pt         each process's torch / CUDA / NumPy / Python RNG states
+
+The frozen FLUX weights (24 GB) never change and are not saved. The data position is the step itself (the
+sampler seeks to it); the RNG streams and the sampler's split are per process, so a run resumes on as many
+processes as wrote the checkpoint. A checkpoint is written under a temporary name and renamed once every
+process has finished, so `checkpoint-<step>` exists only complete. Read back with weights_only loading.
+"""
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from accelerate import Accelerator
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+# Frozen weights stay out; loading is checked by hand below, since the frozen keys are "missing" by design.
+OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
+def latest_checkpoint(out_dir: Path) -> tuple[int, Path] | None:
+    done = [(int(p.name.split("-")[1]), p) for p in out_dir.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
+    return max(done) if done else None
+
+
+def _tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    model_state, optim_state = get_state_dict(model, optimizer, options=OPTIONS)
+    return {"model": model_state, "optim": optim_state}
+
+
+def _rng_state() -> dict:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, mt, py_gauss = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+            "python": (version, torch.tensor(mt, dtype=torch.int64), py_gauss)}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, mt, py_gauss = state["python"]
+    random.setstate((version, tuple(mt.tolist()), py_gauss))
+
+
+def save_checkpoint(accelerator: Accelerator, out: Path, step: int, keep: int, model: nn.Module,
+                    optimizer: torch.optim.Optimizer, scheduler) -> Path:
+    """Collective: every process calls it. `model` holds every trained module (unwrapped or FSDP-sharded)."""
+    final, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)  # left by a run killed while writing
+    accelerator.wait_for_everyone()
+    dcp.save(_tensors(model, optimizer), checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+    torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tmp.rename(final)
+        for old in sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler) -> None:
+    state = _tensors(model, optimizer)
+    dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    missing = set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                             options=OPTIONS).missing_keys
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    if lost := sorted(trainable & set(missing)):
+        raise ValueError(f"{path}: no saved value for trainable {', '.join(lost[:5])}"
+                         f"{' …' if len(lost) > 5 else ''} (was it written for another adapter or recipe?)")
+    written = len(list(path.glob("rng-*.pt")))
+    if written != accelerator.num_processes:
+        raise ValueError(f"{path} was written by {written} processes; resume it with as many (now "
+                         f"{accelerator.num_processes}): the RNG streams and the data split are per process")
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    _set_rng_state(torch.load(path / f"rng-{accelerator.process_index}.pt", weights_only=True))
