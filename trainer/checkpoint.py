@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import random
 import shutil
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,14 @@ def latest_checkpoint(out_dir: Path) -> tuple[int, Path] | None:
 def _tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     model_state, optim_state = get_state_dict(model, optimizer, options=OPTIONS)
     return {"model": model_state, "optim": optim_state}
+
+
+@contextmanager
+def _one_process_is_fine():
+    """A single-process run (`make train`) is what DCP warns about on every save and load; nothing is wrong."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
 
 
 def _rng_state() -> dict:
@@ -65,7 +75,8 @@ def save_checkpoint(accelerator: Accelerator, out: Path, step: int, keep: int, m
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)  # left by a run killed while writing
     accelerator.wait_for_everyone()
-    dcp.save(_tensors(model, optimizer), checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+    with _one_process_is_fine():
+        dcp.save(_tensors(model, optimizer), checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
     torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
     if accelerator.is_main_process:
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -81,7 +92,8 @@ def save_checkpoint(accelerator: Accelerator, out: Path, step: int, keep: int, m
 def load_checkpoint(accelerator: Accelerator, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler) -> None:
     state = _tensors(model, optimizer)
-    dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    with _one_process_is_fine():
+        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
     missing = set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                              options=OPTIONS).missing_keys
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
