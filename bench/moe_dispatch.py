@@ -150,8 +150,8 @@ def main() -> None:
         "fast": lambda x: moe_lora_delta(layer, x, task_BC),
         "sparse": lambda x: moe_lora_delta_sparse(layer, x, task_BC),
         "naive": lambda x: moe_lora_delta_naive(layer, x, task_BC),
-        "floor": lambda x: sum(F.linear(F.linear(x, down), up) for down, up in
-                               [(layer.shared_down, layer.shared_up), *zip(layer.experts_down[:2], layer.experts_up[:2])]),
+        "floor": lambda x: sum(F.linear(F.linear(x, down), up) for down, up in [
+            (layer.shared_down, layer.shared_up), *zip(layer.experts_down[:2], layer.experts_up[:2])]),
     }
     sites = {"site+plain": lambda x: base(x) + deltas["plain"](x), "site+fast": lambda x: layer(x)}
 
@@ -176,7 +176,8 @@ def main() -> None:
                                                        device, args.repeats).items()}
         row = "  ".join(f"{name} {t:7.2f}" for name, t in ms.items())
         print(f"T={T:6d}  {row}  | fast/plain {ms['fast'] / ms['plain']:.2f}  sparse/plain "
-              f"{ms['sparse'] / ms['plain']:.2f}  floor/plain {ms['floor'] / ms['plain']:.2f}  site fast/plain {ms['site+fast'] / ms['site+plain']:.2f}  "
+              f"{ms['sparse'] / ms['plain']:.2f}  floor/plain {ms['floor'] / ms['plain']:.2f}  "
+              f"site fast/plain {ms['site+fast'] / ms['site+plain']:.2f}  "
               f"| max |fast|sparse - naive| {disagree:.1e} of max |out| {naive.abs().max().item():.1e}")
 
 

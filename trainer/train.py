@@ -26,8 +26,8 @@ from tqdm import tqdm
 from trainer.adapter_io import save_adapter
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig, load_train_config
-from trainer.distributed import check_launch, shard
 from trainer.data import PairDataset, index_shards
+from trainer.distributed import check_launch, shard
 from trainer.model import EditModel
 from trainer.moe_lora import MoELoRAConfig
 from trainer.placement import install_moe_lora
@@ -98,9 +98,10 @@ def train(cfg: TrainConfig) -> list[dict]:
     model = EditModel(pipe, cfg.reference_layout, cfg.max_sequence_length, forward_module=transformer,
                       text_encoder=x2i)
 
-    # What a checkpoint holds: the trainable tensors of the trained modules and their optimizer states.
-    state = (nn.ModuleDict({"transformer": trained[0], "alignnet": trained[1]}) if len(trained) > 1
-             else trained[0]), optimizer.optimizer, scheduler
+    # A checkpoint holds the trainable tensors of the trained modules, their optimizer states, the schedule.
+    checkpointed = trained[0] if len(trained) == 1 else nn.ModuleDict({"transformer": trained[0],
+                                                                        "alignnet": trained[1]})
+    state = (checkpointed, optimizer.optimizer, scheduler)
     step = 0
     if (found := latest_checkpoint(out)) is not None:
         step, path = found
