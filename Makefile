@@ -4,6 +4,9 @@ PY           := $(VENV)/bin/python
 RECIPE       ?= default-cpu
 RUN_DIR      ?= runs/default
 TRAIN_RECIPE ?= trainer/recipes/tiny-cpu.yaml
+# Training processes: one per visible GPU, one on a machine without (override: make train NPROC=4).
+GPUS         := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+NPROC        ?= $(if $(filter-out 0,$(GPUS)),$(GPUS),1)
 
 export RAY_AUTH_MODE := disabled
 export HF_HUB_OFFLINE := 1
@@ -35,9 +38,11 @@ build-dataset: $(VENV)/.base
 $(RUN_DIR)/ledger.parquet:
 	$(MAKE) build-dataset
 
-# Trains the MoE-LoRA adapter on the corpus of build-dataset (the tiny FLUX on CPU unless TRAIN_RECIPE says).
+# Trains the MoE-LoRA adapter on the corpus of build-dataset (the tiny FLUX on CPU unless TRAIN_RECIPE says),
+# with accelerate over NPROC processes; mixed precision comes from the recipe.
 train: $(VENV)/.train $(RUN_DIR)/ledger.parquet
-	$(PY) -m trainer.train --recipe $(TRAIN_RECIPE)
+	$(VENV)/bin/accelerate launch --num_machines 1 --num_processes $(NPROC) $(if $(filter-out 1,$(NPROC)),--multi_gpu) \
+	  --mixed_precision no --dynamo_backend no -m trainer.train --recipe $(TRAIN_RECIPE)
 
 # Headless Chromium for the report test (Debian's package; needs root, else that test is skipped).
 browser:

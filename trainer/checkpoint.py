@@ -91,6 +91,9 @@ def save_checkpoint(accelerator: Accelerator, out: Path, step: int, keep: int, m
 
 def load_checkpoint(accelerator: Accelerator, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler) -> None:
+    if not (path / ".metadata").exists():
+        raise ValueError(f"{path} is not a checkpoint of this trainer (no .metadata of a torch distributed "
+                         "checkpoint): move it away to start afresh")
     state = _tensors(model, optimizer)
     with _one_process_is_fine():
         dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
