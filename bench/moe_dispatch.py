@@ -7,6 +7,9 @@ forward + backward, against a plain LoRA of the same *active* rank (r = 192 = 3 
     naive    trainer.moe_reference: per-expert loop with boolean token selection (the reference code's way)
     floor    three rank-64 LoRAs on every token (shared + K = 2 experts), no gate, no routing, no row moves:
              the GEMMs alone of a per-expert (grouped-GEMM) dispatch, i.e. the least such a dispatch can cost
+    floor2   the same with shared + first expert fused into one rank-128 LoRA (weights concatenated), as a
+             dispatch grouping tokens by their first expert could run them: the GEMMs of the widest grouping
+             that needs a bounded number of weight copies (12 groups, not one per expert pair)
     site+…   the whole site: frozen 3072×3072 base Linear + plain LoRA / + MoE-LoRA (fast)
 
 Default token counts (CPU) are one sample's: 1024 (512 px target), 2560 (512 px joint sequence with the
@@ -16,25 +19,28 @@ ratios hold, but only a GPU runs those sizes in seconds. The routing is a fresh 
 (uneven: the busiest expert gets ~40 % of the pairs), as at the start of training.
 
 Measured 2026-11-27, ms (best of 10 on GPU, of 5 on CPU):
-                                  plain   fast  sparse   naive  floor   fast/plain  floor/plain  site fast/plain
-    H100, bf16, torch 2.11 (no floor column then)
-      T =  2560                    0.58   1.97    2.80    9.87     -       3.40          -            2.70
-      T = 30720 (512 px, mb 12)    0.63   2.57    4.86   15.81     -       4.11          -            1.71
-      T = 34816 (1024 px, mb 4)    0.71   2.67    5.34   18.45     -       3.74          -            1.59
+                                  plain   fast  sparse   naive  floor floor2  fast/plain floor/plain floor2/plain
+    H100, bf16, torch 2.11 (no floor columns then)
+      T =  2560                    0.58   1.97    2.80    9.87     -      -      3.40         -           -
+      T = 30720 (512 px, mb 12)    0.63   2.57    4.86   15.81     -      -      4.11         -           -
+      T = 34816 (1024 px, mb 4)    0.71   2.67    5.34   18.45     -      -      3.74         -           -
     our CPU (Xeon, AVX-512), 2 threads, fp32, torch 2.14.1
-      T =  1024                    43.2  157.0   100.1   226.4   69.4      3.63         1.60          1.61
-      T =  2560                    89.7  365.4   306.5   497.4  174.2      4.07         1.94          1.60
-      T =  4608                   159.2  610.8   577.7  1246.7  358.7      3.84         2.25          1.52
+      T =  1024                    34.4  129.8    89.4   188.3   56.3   47.6     3.77        1.64        1.38
+      T =  2560                    83.2  310.6   192.2   435.6  143.1  116.5     3.73        1.72        1.40
+      T =  4608                   155.2  605.3   555.5  1095.6  350.1  279.5     3.90        2.26        1.80
+A whole site (frozen base + adapter) with fast costs 1.6-1.7× the base + plain LoRA on the H100 at the
+paper's micro-batches (2.7× at 2560 tokens) and 1.5-1.6× on the CPU.
 The 1.10 goal is not met by either exact dispatch built from PyTorch ops: a rank-192 LoRA is two lean
 GEMMs, while top-2-of-12 routing costs either (E+1)/(K+1) ≈ 4.3× its FLOPs (fast) or moving K copies of
-every O-wide row into expert order and back (sparse, memory-bound). The floor row shows it is out of reach
-for any per-expert dispatch on this CPU: the rank-64 GEMMs by themselves, every row already in place, cost
-1.6-2.3× the rank-192 pair (MKL runs a rank-64 GEMM at ~0.43 of a rank-192 one's time, not 1/3, and each
-one reads or writes a whole I- or O-wide operand). Going under it needs each token's three experts in one
-rank-192 GEMM: tokens grouped by their (expert, expert) pair, up to 66 blocks, each with its weights
-concatenated and its weight gradients split back (~10 MB of copies per block per step, about what a
-block's own GEMMs move at these token counts), or a fused grouped-GEMM kernel. On the GPU, where training
-runs, fast is 1.9× faster than sparse; on CPU sparse wins, which matters only for tiny test models.
+every O-wide row into expert order and back (sparse, memory-bound). The floor rows show it is out of reach
+for any dispatch made of library GEMMs on this CPU: with every row already in place and no routing at all,
+the rank-64 GEMMs of a per-expert dispatch cost 1.6-2.3× the rank-192 pair and the rank-128 + rank-64
+GEMMs of a first-expert grouping 1.4-1.8× (MKL runs a rank-64 GEMM at ~0.43 of a rank-192 one's time,
+not 1/3, and each GEMM reads or writes a whole I- or O-wide operand). Only each token's three experts in
+one rank-192 GEMM could approach 1.0: tokens grouped by their expert pair (up to 66 blocks, each with its
+own concatenated weights and split-back weight gradients), or a fused grouped-GEMM kernel that reads the
+expert weights in place. On the GPU, where training runs, fast is 1.9× faster than sparse; on CPU sparse
+wins, which matters only for tiny test models.
 
     python -m bench.moe_dispatch                                   # CPU, fp32, ~40 s on 2 idle cores
     python -m bench.moe_dispatch --device cuda --dtype bfloat16 --tokens 2560 30720 34816 --repeats 10
@@ -152,6 +158,9 @@ def main() -> None:
         "naive": lambda x: moe_lora_delta_naive(layer, x, task_BC),
         "floor": lambda x: sum(F.linear(F.linear(x, down), up) for down, up in [
             (layer.shared_down, layer.shared_up), *zip(layer.experts_down[:2], layer.experts_up[:2])]),
+        "floor2": lambda x: (F.linear(F.linear(x, torch.cat([layer.shared_down, layer.experts_down[0]])),
+                                      torch.cat([layer.shared_up, layer.experts_up[0]], dim=1))
+                             + F.linear(F.linear(x, layer.experts_down[1]), layer.experts_up[1])),
     }
     sites = {"site+plain": lambda x: base(x) + deltas["plain"](x), "site+fast": lambda x: layer(x)}
 
@@ -177,6 +186,7 @@ def main() -> None:
         row = "  ".join(f"{name} {t:7.2f}" for name, t in ms.items())
         print(f"T={T:6d}  {row}  | fast/plain {ms['fast'] / ms['plain']:.2f}  sparse/plain "
               f"{ms['sparse'] / ms['plain']:.2f}  floor/plain {ms['floor'] / ms['plain']:.2f}  "
+              f"floor2/plain {ms['floor2'] / ms['plain']:.2f}  "
               f"site fast/plain {ms['site+fast'] / ms['site+plain']:.2f}  "
               f"| max |fast|sparse - naive| {disagree:.1e} of max |out| {naive.abs().max().item():.1e}")
 
