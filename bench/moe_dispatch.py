@@ -32,15 +32,16 @@ A whole site (frozen base + adapter) with fast costs 1.6-1.7× the base + plain 
 paper's micro-batches (2.7× at 2560 tokens) and 1.5-1.6× on the CPU.
 The 1.10 goal is not met by either exact dispatch built from PyTorch ops: a rank-192 LoRA is two lean
 GEMMs, while top-2-of-12 routing costs either (E+1)/(K+1) ≈ 4.3× its FLOPs (fast) or moving K copies of
-every O-wide row into expert order and back (sparse, memory-bound). The floor rows show it is out of reach
-for any dispatch made of library GEMMs on this CPU: with every row already in place and no routing at all,
+every O-wide row into expert order and back (sparse, memory-bound). The floor rows show that per-expert and
+first-expert-grouped dispatches cannot reach it on this CPU: with every row in place and no routing at all,
 the rank-64 GEMMs of a per-expert dispatch cost 1.6-2.3× the rank-192 pair and the rank-128 + rank-64
 GEMMs of a first-expert grouping 1.4-1.8× (MKL runs a rank-64 GEMM at ~0.43 of a rank-192 one's time,
-not 1/3, and each GEMM reads or writes a whole I- or O-wide operand). Only each token's three experts in
-one rank-192 GEMM could approach 1.0: tokens grouped by their expert pair (up to 66 blocks, each with its
-own concatenated weights and split-back weight gradients), or a fused grouped-GEMM kernel that reads the
-expert weights in place. On the GPU, where training runs, fast is 1.9× faster than sparse; on CPU sparse
-wins, which matters only for tiny test models.
+not 1/3, and each GEMM reads or writes a whole I- or O-wide operand). Lifting that floor needs each
+token's three experts in one rank-192 GEMM: tokens grouped by their expert pair (up to 66 blocks, each
+with its own concatenated weights and split-back weight gradients, so copies and small GEMMs grow with the
+number of blocks), or a fused grouped-GEMM kernel that reads the expert weights in place. On the GPU,
+where training runs, fast is 1.9× faster than sparse; on CPU sparse wins, which matters only for tiny
+test models.
 
     python -m bench.moe_dispatch                                   # CPU, fp32, ~40 s on 2 idle cores
     python -m bench.moe_dispatch --device cuda --dtype bfloat16 --tokens 2560 30720 34816 --repeats 10
