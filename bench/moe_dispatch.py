@@ -35,8 +35,8 @@ GEMMs, while top-2-of-12 routing costs either (E+1)/(K+1) ≈ 4.3× its FLOPs (f
 every O-wide row into expert order and back (sparse, memory-bound). The floor rows show that per-expert and
 first-expert-grouped dispatches cannot reach it on this CPU: with every row in place and no routing at all,
 the rank-64 GEMMs of a per-expert dispatch cost 1.6-2.3× the rank-192 pair and the rank-128 + rank-64
-GEMMs of a first-expert grouping 1.4-1.8× (MKL runs a rank-64 GEMM at ~0.43 of a rank-192 one's time,
-not 1/3, and each GEMM reads or writes a whole I- or O-wide operand). Lifting that floor needs each
+GEMMs of a first-expert grouping 1.4-1.8× (a narrower GEMM uses the CPU less well, and each one reads or
+writes a whole I- or O-wide operand). Lifting that floor needs each
 token's three experts in one rank-192 GEMM: tokens grouped by their expert pair (up to 66 blocks, each
 with its own concatenated weights and split-back weight gradients, so copies and small GEMMs grow with the
 number of blocks), or a fused grouped-GEMM kernel that reads the expert weights in place. On the GPU,
