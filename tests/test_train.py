@@ -29,7 +29,7 @@ def setup(tmp_path_factory):
 def _cfg(setup, out: str, steps: int) -> TrainConfig:
     return TrainConfig(base=setup["base"], data=setup["data"], out_dir=str(setup["root"] / out), resolution=32,
                        steps=steps, adapter={"rank": 8, "alpha": 8, "experts": 4, "top_k": 2},
-                       max_sequence_length=16, checkpoint_every=2)
+                       max_sequence_length=16, checkpoint_every=2, warmup_steps=2)
 
 
 def test_a_resumed_run_continues_exactly(setup):
@@ -82,6 +82,8 @@ def test_two_processes_train_with_accelerate_launch(setup, ddp_log):
     checkpoint = setup["root"] / "ddp" / "checkpoint-4"
     assert (checkpoint / "rng-0.pt").exists() and (checkpoint / "rng-1.pt").exists()
     assert [r["step"] for r in ddp_log] == [1, 2, 3, 4]  # written once, by the main process
+    # The schedule counts optimizer steps, however many processes share each one's batch.
+    assert [r["lr"] for r in ddp_log] == pytest.approx([1e-4 * min(1, (s + 1) / 3) for s in (1, 2, 3, 4)])
 
 
 def test_fsdp_trains_like_ddp_and_resumes_exactly(setup, ddp_log, tmp_path):
@@ -90,6 +92,7 @@ def test_fsdp_trains_like_ddp_and_resumes_exactly(setup, ddp_log, tmp_path):
     whole one, and a run resumed from the step-2 checkpoint repeats steps 3-4 bit for bit."""
     import shutil
 
+    import torch.distributed.checkpoint as dcp
     from safetensors.torch import load_file
 
     fsdp = _launch(setup, tmp_path, "fsdp", 4, fsdp=True, gradient_checkpointing=True)
@@ -110,6 +113,18 @@ def test_fsdp_trains_like_ddp_and_resumes_exactly(setup, ddp_log, tmp_path):
     shutil.copytree(setup["root"] / "fsdp" / "checkpoint-2", resumed / "checkpoint-2")
     again = _launch(setup, tmp_path, "fsdp-resumed", 4, fsdp=True, gradient_checkpointing=True)
     assert again == fsdp[2:]
+
+    # On one process instead of two: the checkpoint's halves are put back together into the whole adapter.
+    one = setup["root"] / "fsdp-on-one"
+    one.mkdir()
+    shutil.copytree(setup["root"] / "fsdp" / "checkpoint-2", one / "checkpoint-2")
+    assert train(_cfg(setup, "fsdp-on-one", 2)) == []  # nothing left to train: resumes and exports
+    exported = load_file(one / "adapter" / "adapter.safetensors")
+    stored = {"model": {("moe_lora." if k.startswith("task_embedding") else "") + k: torch.empty_like(v)
+                        for k, v in exported.items()}}
+    dcp.load(stored, checkpoint_id=str(one / "checkpoint-2"), no_dist=True)
+    assert all(torch.equal(stored["model"][k], v) for k, v in zip(stored["model"], exported.values()))
+    assert not torch.equal(exported["task_embedding.weight"], adapters[0]["task_embedding.weight"])  # step 2 ≠ 4
 
 
 def test_sigkill_mid_run_then_restart_continues_exactly(setup, tmp_path):

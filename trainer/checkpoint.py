@@ -7,8 +7,9 @@
     rng-<rank>.pt         each process's torch / CUDA / NumPy / Python RNG states
 
 The frozen FLUX weights (24 GB) never change and are not saved. The data position is the step itself (the
-sampler seeks to it); the RNG streams and the sampler's split are per process, so a run resumes on as many
-processes as wrote the checkpoint. A checkpoint is written under a temporary name and renamed once every
+sampler seeks to it; global batches do not depend on the number of processes). Resumed on as many processes
+as wrote it, a run continues bit-exactly; on another number the tensors are resharded and the run goes on
+with the same weights, optimizer state and data order, but fresh noise streams. A checkpoint is written under a temporary name and renamed once every
 process has finished, so `checkpoint-<step>` exists only complete. Read back with weights_only loading.
 """
 from __future__ import annotations
@@ -90,7 +91,8 @@ def save_checkpoint(accelerator: Accelerator, out: Path, step: int, keep: int, m
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler) -> None:
+                    scheduler) -> bool:
+    """Restore `path` into the given objects; True when every process got its RNG state back (same count)."""
     if not (path / ".metadata").exists():
         raise ValueError(f"{path} is not a checkpoint of this trainer (no .metadata of a torch distributed "
                          "checkpoint): move it away to start afresh")
@@ -103,9 +105,12 @@ def load_checkpoint(accelerator: Accelerator, path: Path, model: nn.Module, opti
     if lost := sorted(trainable & set(missing)):
         raise ValueError(f"{path}: no saved value for trainable {', '.join(lost[:5])}"
                          f"{' …' if len(lost) > 5 else ''} (was it written for another adapter or recipe?)")
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     written = len(list(path.glob("rng-*.pt")))
     if written != accelerator.num_processes:
-        raise ValueError(f"{path} was written by {written} processes; resume it with as many (now "
-                         f"{accelerator.num_processes}): the RNG streams and the data split are per process")
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        accelerator.print(f"{path} was written by {written} processes and resumes on {accelerator.num_processes}: "
+                          "same weights, optimizer state and data order, fresh noise streams (not bit-identical "
+                          f"to a run that kept {written})")
+        return False
     _set_rng_state(torch.load(path / f"rng-{accelerator.process_index}.pt", weights_only=True))
+    return True

@@ -90,9 +90,10 @@ def train(cfg: TrainConfig) -> list[dict]:
     params = [p for module in trained for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
-    # Sharded modules synchronise their own gradients; the others get accelerate's DDP wrappers.
-    *prepared, optimizer, scheduler = accelerator.prepare(*([] if sharded else trained), optimizer, scheduler)
-    transformer, *forward_alignnet = prepared or trained
+    # Sharded modules synchronise their own gradients; the others get accelerate's DDP wrappers. The schedule
+    # stays unprepared: accelerate's wrapper steps it once per process, but every process shares one batch.
+    optimizer = accelerator.prepare_optimizer(optimizer)
+    transformer, *forward_alignnet = trained if sharded else [accelerator.prepare_model(m) for m in trained]
     if forward_alignnet:
         x2i.forward_alignnet = forward_alignnet[0]
     model = EditModel(pipe, cfg.reference_layout, cfg.max_sequence_length, forward_module=transformer,
@@ -102,13 +103,13 @@ def train(cfg: TrainConfig) -> list[dict]:
     checkpointed = trained[0] if len(trained) == 1 else nn.ModuleDict({"transformer": trained[0],
                                                                         "alignnet": trained[1]})
     state = (checkpointed, optimizer.optimizer, scheduler)
-    step = 0
+    step, exact = 0, False
     if (found := latest_checkpoint(out)) is not None:
         step, path = found
-        load_checkpoint(accelerator, path, *state)
+        exact = load_checkpoint(accelerator, path, *state)
         accelerator.print(f"resumed from {path}")
-    else:  # noise and timesteps differ between processes; a resumed run gets them back from its checkpoint
-        torch.manual_seed(cfg.seed + 1 + accelerator.process_index)
+    if not exact:  # noise and timesteps differ between processes and, after an inexact resume, from step 0's
+        torch.manual_seed(cfg.seed + 1 + accelerator.process_index + step * accelerator.num_processes)
     sampler.seek(step)
     # Its own generator: creating the loader's iterator must not draw from the RNG the checkpoint restored.
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=iter(sampler), collate_fn=collate,
