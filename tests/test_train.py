@@ -26,10 +26,14 @@ def setup(tmp_path_factory):
     return {"root": root, "base": str(build_tiny_flux(root / "tiny-flux")), "data": [str(root / "*.tar")]}
 
 
-def _cfg(setup, out: str, steps: int) -> TrainConfig:
-    return TrainConfig(base=setup["base"], data=setup["data"], out_dir=str(setup["root"] / out), resolution=32,
-                       steps=steps, adapter={"rank": 8, "alpha": 8, "experts": 4, "top_k": 2},
-                       max_sequence_length=16, checkpoint_every=2, warmup_steps=2)
+def _cfg(setup, out: str, steps: int, **overrides) -> TrainConfig:
+    return TrainConfig(**{"base": setup["base"], "data": setup["data"], "out_dir": str(setup["root"] / out),
+                          "resolution": 32, "steps": steps, "adapter": {"rank": 8, "alpha": 8, "experts": 4, "top_k": 2},
+                          "max_sequence_length": 16, "checkpoint_every": 2, "warmup_steps": 2, **overrides})
+
+
+def _log(setup, out: str, name: str = "train_log.jsonl") -> list[dict]:
+    return [json.loads(line) for line in (setup["root"] / out / name).read_text().splitlines()]
 
 
 def test_a_resumed_run_continues_exactly(setup):
@@ -62,7 +66,7 @@ def test_the_exported_adapter_loads_into_a_fresh_transformer(setup):
 def _launch(setup, tmp_path, out: str, steps: int, **overrides) -> list[dict]:
     """`accelerate launch` with two CPU processes (gloo); returns the run's log."""
     recipe = tmp_path / f"{out}.yaml"
-    recipe.write_text(json.dumps(_cfg(setup, out, steps).model_copy(update=overrides).model_dump()))  # JSON is YAML
+    recipe.write_text(json.dumps(_cfg(setup, out, steps, **overrides).model_dump()))  # JSON is YAML
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
         [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
@@ -70,12 +74,26 @@ def _launch(setup, tmp_path, out: str, steps: int, **overrides) -> list[dict]:
          "-m", "trainer.train", "--recipe", str(recipe)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    return [json.loads(line) for line in (setup["root"] / out / "train_log.jsonl").read_text().splitlines()]
+    return _log(setup, out)
+
+
+VALIDATION = {"pairs_per_task": 1, "every": 2}  # 3 held-out pairs: over 2 processes, the last round is padded
 
 
 @pytest.fixture(scope="module")
 def ddp_log(setup, tmp_path_factory):
-    return _launch(setup, tmp_path_factory.mktemp("ddp"), "ddp", 4)
+    return _launch(setup, tmp_path_factory.mktemp("ddp"), "ddp", 4, validation=VALIDATION)
+
+
+def test_validation_is_deterministic_and_leaves_training_as_it_was(setup):
+    runs = {every: train(_cfg(setup, f"val-{every}", 4, validation={"pairs_per_task": 1, "every": every}))
+            for every in (1, 2)}
+    assert runs[1] == runs[2]  # validating after every step changes nothing in training
+    logs = {every: _log(setup, f"val-{every}", "val_log.jsonl") for every in (1, 2)}
+    assert [r["step"] for r in logs[1]] == [1, 2, 3, 4] and [r["step"] for r in logs[2]] == [2, 4]
+    assert logs[2] == [logs[1][1], logs[1][3]]  # same pairs, VAE samples and noise: same values
+    assert set(logs[2][0]["val"]) == {"style_change", "tone_transformation", "camera_movement"}
+    assert logs[2][0]["val"] != logs[2][1]["val"] and all(v > 0 for v in logs[2][1]["val"].values())
 
 
 def test_two_processes_train_with_accelerate_launch(setup, ddp_log):
@@ -95,10 +113,14 @@ def test_fsdp_trains_like_ddp_and_resumes_exactly(setup, ddp_log, tmp_path):
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import load_file
 
-    fsdp = _launch(setup, tmp_path, "fsdp", 4, fsdp=True, gradient_checkpointing=True)
+    fsdp = _launch(setup, tmp_path, "fsdp", 4, fsdp=True, gradient_checkpointing=True, validation=VALIDATION)
     assert [r["step"] for r in fsdp] == [1, 2, 3, 4]
     for a, b in zip(fsdp, ddp_log):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["task"] == pytest.approx(b["task"], rel=1e-5)
+    validations = [_log(setup, run, "val_log.jsonl") for run in ("fsdp", "ddp")]
+    assert [r["step"] for r in validations[0]] == [2, 4]  # written once, by the main process
+    for a, b in zip(*validations):
+        assert a["val"] == pytest.approx(b["val"], rel=1e-5) and len(a["val"]) == 3
     shards = sorted((setup["root"] / "fsdp" / "checkpoint-2").glob("*.distcp"))
     sizes = [p.stat().st_size for p in shards]
     assert len(shards) == 2 and min(sizes) > 0.4 * sum(sizes)  # sharded: half each, not one full copy
@@ -111,14 +133,15 @@ def test_fsdp_trains_like_ddp_and_resumes_exactly(setup, ddp_log, tmp_path):
     resumed = setup["root"] / "fsdp-resumed"
     resumed.mkdir()
     shutil.copytree(setup["root"] / "fsdp" / "checkpoint-2", resumed / "checkpoint-2")
-    again = _launch(setup, tmp_path, "fsdp-resumed", 4, fsdp=True, gradient_checkpointing=True)
+    again = _launch(setup, tmp_path, "fsdp-resumed", 4, fsdp=True, gradient_checkpointing=True,
+                    validation=VALIDATION)
     assert again == fsdp[2:]
 
     # On one process instead of two: the checkpoint's halves are put back together into the whole adapter.
     one = setup["root"] / "fsdp-on-one"
     one.mkdir()
     shutil.copytree(setup["root"] / "fsdp" / "checkpoint-2", one / "checkpoint-2")
-    assert train(_cfg(setup, "fsdp-on-one", 2)) == []  # nothing left to train: resumes and exports
+    assert train(_cfg(setup, "fsdp-on-one", 2, validation=VALIDATION)) == []  # nothing left: resumes, exports
     exported = load_file(one / "adapter" / "adapter.safetensors")
     stored = {"model": {("moe_lora." if k.startswith("task_embedding") else "") + k: torch.empty_like(v)
                         for k, v in exported.items()}}

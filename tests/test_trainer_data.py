@@ -5,6 +5,7 @@ import io
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from manifests.shards import tar_bytes
@@ -47,3 +48,16 @@ def test_buckets():
     assert bucket_for(1000, 1000, 1024) == (1024, 1024)
     assert bucket_for(1600, 900, 1024) == (752, 1392)  # wide images get a wide bucket
     assert bucket_for(900, 1600, 1024) == (1392, 752)
+
+
+def test_hold_out_is_per_task_disjoint_and_independent_of_order(tmp_path):
+    pytest.importorskip("torch")
+    from trainer.tiny_flux import write_random_corpus
+    from trainer.validate import hold_out
+
+    pairs = index_shards([str(write_random_corpus(tmp_path / "c.tar"))])  # 12 pairs, 4 of each of 3 tasks
+    kept, held = hold_out(pairs, per_task=1, keep=2)
+    assert sorted(p.task_id for p in held) == [3, 11, 12] and len(kept) == 9
+    assert {p.key for p in kept} | {p.key for p in held} == {p.key for p in pairs}
+    assert {p.key for p in hold_out(pairs[::-1], per_task=1, keep=2)[1]} == {p.key for p in held}
+    assert hold_out(pairs, per_task=3, keep=2) == (pairs, [])  # no task can spare 3 and keep 2

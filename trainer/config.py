@@ -22,6 +22,21 @@ class ContrastiveConfig(Strict):
     tau: float = Field(0.5, gt=0)
 
 
+class ValidationConfig(Strict):
+    """A held-out flow-matching loss per task (trainer/validate.py), written to `val_log.jsonl`."""
+
+    pairs_per_task: int = Field(2, ge=1)  # kept out of training, per task that can spare them
+    every: int = Field(100, ge=1)  # steps; also after the last step
+    sigmas: list[float] = Field([0.1, 0.3, 0.5, 0.7, 0.9], min_length=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _sigmas_in_range(self) -> ValidationConfig:
+        if not all(0 < s < 1 for s in self.sigmas):
+            raise ValueError(f"validation sigmas must lie in (0, 1), got {self.sigmas}")
+        return self
+
+
 class X2IConfig(Strict):
     """The paper's text conditioning (reference-code.md §3.3): Qwen2.5-VL hidden states → AlignNet."""
 
@@ -56,6 +71,7 @@ class TrainConfig(Strict):
     gradient_checkpointing: bool = False
     fsdp: bool = False  # shard base, adapter and optimizer states over the processes (FSDP2) instead of DDP
     checkpoint_every: int = Field(100, ge=1)
+    validation: ValidationConfig | None = None  # off unless given
     keep_checkpoints: int = Field(2, ge=1)
     num_workers: int = Field(0, ge=0)
     seed: int = 0

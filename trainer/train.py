@@ -32,6 +32,7 @@ from trainer.model import EditModel
 from trainer.moe_lora import MoELoRAConfig
 from trainer.placement import install_moe_lora
 from trainer.sampler import TaskBatchSampler
+from trainer.validate import hold_out, validate
 
 
 def collate(items: list[dict]) -> dict:
@@ -83,7 +84,12 @@ def train(cfg: TrainConfig) -> list[dict]:
     if sharded:  # before the optimizer is built: it must hold the sharded parameters
         shard(pipe.transformer, trained[1:], accelerator)
 
-    dataset = PairDataset(index_shards(cfg.data), cfg.resolution)
+    pairs, held = index_shards(cfg.data), []
+    if cfg.validation is not None:
+        pairs, held = hold_out(pairs, cfg.validation.pairs_per_task, keep=cfg.pairs_per_task)
+        accelerator.print(f"validation: {len(held)} held-out pairs" if held else
+                          "validation: no task has pairs to spare; no validation in this run")
+    dataset, held = PairDataset(pairs, cfg.resolution), PairDataset(held, cfg.resolution)
     sampler = TaskBatchSampler(dataset.task_ids(), cfg.tasks_per_batch, cfg.pairs_per_task,
                                world_size=accelerator.num_processes, rank=accelerator.process_index, seed=cfg.seed,
                                groups=dataset.buckets())
@@ -130,6 +136,12 @@ def train(cfg: TrainConfig) -> list[dict]:
             out.mkdir(parents=True, exist_ok=True)
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        if held and (step % cfg.validation.every == 0 or step == cfg.steps):
+            losses = validate(model, adapter, held, cfg.validation, cfg.guidance, accelerator)
+            if accelerator.is_main_process:
+                with open(out / "val_log.jsonl", "a") as f:
+                    f.write(json.dumps({"step": step, "val": losses}) + "\n")
+                bar.write(f"step {step} validation: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             save_checkpoint(accelerator, out, step, cfg.keep_checkpoints, *state)
     bar.close()
