@@ -46,6 +46,12 @@ def test_a_resumed_run_continues_exactly(setup):
     assert not list((setup["root"] / "resumed").glob(".checkpoint-*"))  # no half-written checkpoint left
 
 
+def test_a_checkpoint_of_another_adapter_is_refused_by_name(setup):
+    train(_cfg(setup, "other-adapter", 2))
+    with pytest.raises(ValueError, match=r"checkpoint-2 does not fit this run .*experts_down"):
+        train(_cfg(setup, "other-adapter", 4, adapter={"rank": 8, "alpha": 8, "experts": 3, "top_k": 2}))
+
+
 def test_the_exported_adapter_loads_into_a_fresh_transformer(setup):
     from diffusers import FluxTransformer2DModel
     from safetensors.torch import load_file

@@ -28,7 +28,7 @@ from accelerate import Accelerator
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-# Frozen weights stay out; loading is checked by hand below, since the frozen keys are "missing" by design.
+# Frozen weights stay out (not strict: they are "missing" by design; dcp.load checks every trainable key).
 OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
@@ -97,14 +97,14 @@ def load_checkpoint(accelerator: Accelerator, path: Path, model: nn.Module, opti
         raise ValueError(f"{path} is not a checkpoint of this trainer (no .metadata of a torch distributed "
                          "checkpoint): move it away to start afresh")
     state = _tensors(model, optimizer)
-    with _one_process_is_fine():
-        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
-    missing = set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                             options=OPTIONS).missing_keys
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    if lost := sorted(trainable & set(missing)):
-        raise ValueError(f"{path}: no saved value for trainable {', '.join(lost[:5])}"
-                         f"{' …' if len(lost) > 5 else ''} (was it written for another adapter or recipe?)")
+    try:
+        with _one_process_is_fine():
+            dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    except (Exception, dcp.CheckpointException) as e:  # (a BaseException) DCP's text holds each rank's
+        reason = str(e).strip().splitlines()[-1]  # traceback; the last line names the key and the shapes
+        raise ValueError(f"{path} does not fit this run (another adapter or recipe?): {reason}") from e
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=OPTIONS)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     written = len(list(path.glob("rng-*.pt")))
     if written != accelerator.num_processes:
