@@ -28,8 +28,9 @@ def setup(tmp_path_factory):
 
 def _cfg(setup, out: str, steps: int, **overrides) -> TrainConfig:
     return TrainConfig(**{"base": setup["base"], "data": setup["data"], "out_dir": str(setup["root"] / out),
-                          "resolution": 32, "steps": steps, "adapter": {"rank": 8, "alpha": 8, "experts": 4, "top_k": 2},
-                          "max_sequence_length": 16, "checkpoint_every": 2, "warmup_steps": 2, **overrides})
+                          "resolution": 32, "steps": steps, "max_sequence_length": 16, "checkpoint_every": 2,
+                          "warmup_steps": 2, "adapter": {"rank": 8, "alpha": 8, "experts": 4, "top_k": 2},
+                          **overrides})
 
 
 def _log(setup, out: str, name: str = "train_log.jsonl") -> list[dict]:

@@ -9,8 +9,9 @@
 The frozen FLUX weights (24 GB) never change and are not saved. The data position is the step itself (the
 sampler seeks to it; global batches do not depend on the number of processes). Resumed on as many processes
 as wrote it, a run continues bit-exactly; on another number the tensors are resharded and the run goes on
-with the same weights, optimizer state and data order, but fresh noise streams. A checkpoint is written under a temporary name and renamed once every
-process has finished, so `checkpoint-<step>` exists only complete. Read back with weights_only loading.
+with the same weights, optimizer state and data order, but fresh noise streams. A checkpoint is written
+under a temporary name and renamed once every process has finished, so `checkpoint-<step>` exists only
+complete. Read back with weights_only loading.
 """
 from __future__ import annotations
 
