@@ -37,8 +37,13 @@ def _log(setup, out: str, name: str = "train_log.jsonl") -> list[dict]:
     return [json.loads(line) for line in (setup["root"] / out / name).read_text().splitlines()]
 
 
-def test_a_resumed_run_continues_exactly(setup):
-    straight = train(_cfg(setup, "straight", 4))
+@pytest.fixture(scope="module")
+def straight(setup) -> list[dict]:
+    """An uninterrupted 4-step run in `straight/` (its log; its adapter is on disk)."""
+    return train(_cfg(setup, "straight", 4))
+
+
+def test_a_resumed_run_continues_exactly(setup, straight):
     first = train(_cfg(setup, "resumed", 2))
     second = train(_cfg(setup, "resumed", 4))  # finds checkpoint-2 and goes on from there
     assert [r["step"] for r in second] == [3, 4]
@@ -53,7 +58,23 @@ def test_a_checkpoint_of_another_adapter_is_refused_by_name(setup):
         train(_cfg(setup, "other-adapter", 4, adapter={"rank": 8, "alpha": 8, "experts": 3, "top_k": 2}))
 
 
-def test_the_exported_adapter_loads_into_a_fresh_transformer(setup):
+def test_a_run_starts_from_an_exported_adapter(setup):
+    """The paper's 1024-px stage starts from the 512-px stage's adapter: with lr 0 it comes out unchanged."""
+    from safetensors.torch import load_file
+
+    train(_cfg(setup, "stage-1", 2))
+    stage_1 = setup["root"] / "stage-1" / "adapter"
+    history = train(_cfg(setup, "stage-2", 1, init_adapter=str(stage_1), lr=0.0))
+    assert [r["step"] for r in history] == [1]
+    before, after = load_file(stage_1 / "adapter.safetensors"), load_file(setup["root"] / "stage-2" / "adapter" /
+                                                                          "adapter.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(ValueError, match=r"init_adapter .*num_experts=4.* differs .*num_experts=3"):
+        train(_cfg(setup, "stage-2-other", 1, init_adapter=str(stage_1),
+                   adapter={"rank": 8, "alpha": 8, "experts": 3, "top_k": 2}))
+
+
+def test_the_exported_adapter_loads_into_a_fresh_transformer(setup, straight):
     from diffusers import FluxTransformer2DModel
     from safetensors.torch import load_file
 

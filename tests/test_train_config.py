@@ -11,10 +11,12 @@ ROOT = Path(__file__).resolve().parents[1]
 MINIMAL = "base: models/tiny-flux\ndata: ['runs/default/shards/*.tar']\nout_dir: runs/x\n"
 
 
-@pytest.mark.parametrize("name", ["tiny-cpu", "flux-dev-gpu"])
+@pytest.mark.parametrize("name", ["tiny-cpu", "flux-dev-gpu", "flux-dev-1024-gpu"])
 def test_the_bundled_recipes_load(name):
     cfg = load_train_config(ROOT / "trainer" / "recipes" / f"{name}.yaml")
     assert cfg.validation is not None and cfg.steps > 0
+    if name.startswith("flux-dev"):  # the README launches them on 8 GPUs
+        assert cfg.tasks_per_batch * cfg.pairs_per_task % 8 == 0
 
 
 @pytest.mark.parametrize("extra, message", [

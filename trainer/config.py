@@ -63,6 +63,9 @@ class TrainConfig(Strict):
     guidance: float = 1.0  # guidance-embedding value during training (the reference: 1)
     contrastive: ContrastiveConfig = ContrastiveConfig()
     adapter: AdapterConfig = AdapterConfig()
+    # An exported adapter to start from, as the paper's 1024-px stage starts from its 512-px one; its rank,
+    # alpha, experts and top_k must equal `adapter:`. A checkpoint in out_dir takes precedence (resume).
+    init_adapter: str | None = None
     reference_layout: Literal["kontext", "row_offset"] = "kontext"
     max_sequence_length: int = Field(512, ge=1)  # T5 tokens (clip_t5)
     text_encoder: Literal["clip_t5", "x2i"] = "clip_t5"  # FLUX's own encoders, or the paper's X2I route

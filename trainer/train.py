@@ -23,14 +23,14 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm import tqdm
 
-from trainer.adapter_io import save_adapter
+from trainer.adapter_io import load_adapter, save_adapter
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig, load_train_config
 from trainer.data import PairDataset, index_shards
 from trainer.distributed import check_launch, shard
 from trainer.model import EditModel
 from trainer.moe_lora import MoELoRAConfig
-from trainer.placement import install_moe_lora
+from trainer.placement import install_moe_lora, remove_moe_lora
 from trainer.sampler import TaskBatchSampler
 from trainer.validate import hold_out, validate
 
@@ -63,6 +63,16 @@ def load_x2i(cfg: TrainConfig, transformer, device: torch.device, dtype: torch.d
                           trainable=x.trainable)
 
 
+def start_from(transformer, directory: str, config: MoELoRAConfig):
+    """Install the exported adapter at `directory` (e.g. the 512-px stage's) as the starting point."""
+    adapter = load_adapter(transformer, directory)
+    if adapter.config != config:
+        remove_moe_lora(transformer)
+        raise ValueError(f"init_adapter {directory}: its {adapter.config} differs from the recipe's adapter: "
+                         f"{config}")
+    return adapter
+
+
 def train(cfg: TrainConfig) -> list[dict]:
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     check_launch(accelerator)
@@ -72,8 +82,9 @@ def train(cfg: TrainConfig) -> list[dict]:
     pipe.to(accelerator.device)
     torch.manual_seed(cfg.seed)  # the adapter's initial weights are the same on every process and every run
     a = cfg.adapter
-    adapter = install_moe_lora(pipe.transformer, MoELoRAConfig(rank=a.rank, alpha=a.alpha, num_experts=a.experts,
-                                                               top_k=a.top_k))
+    config = MoELoRAConfig(rank=a.rank, alpha=a.alpha, num_experts=a.experts, top_k=a.top_k)
+    adapter = install_moe_lora(pipe.transformer, config) if cfg.init_adapter is None else \
+        start_from(pipe.transformer, cfg.init_adapter, config)
     adapter.to(accelerator.device, torch.float32)  # trainable weights stay fp32 under bf16 autocast
     if cfg.gradient_checkpointing:
         pipe.transformer.enable_gradient_checkpointing()
