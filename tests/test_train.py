@@ -45,11 +45,13 @@ def straight(setup) -> list[dict]:
 
 def test_a_resumed_run_continues_exactly(setup, straight):
     first = train(_cfg(setup, "resumed", 2))
+    (setup["root"] / "resumed" / "checkpoint-notes").mkdir()  # a user's folder: neither resumed from nor pruned
     second = train(_cfg(setup, "resumed", 4))  # finds checkpoint-2 and goes on from there
     assert [r["step"] for r in second] == [3, 4]
     assert first == straight[:2] and second == straight[2:]  # bitwise-equal losses on CPU
     assert all(r["task"] > 0 and r["flow"] > 0 for r in straight)
     assert not list((setup["root"] / "resumed").glob(".checkpoint-*"))  # no half-written checkpoint left
+    assert (setup["root"] / "resumed" / "checkpoint-notes").is_dir()
 
 
 def test_a_checkpoint_of_another_adapter_is_refused_by_name(setup):
@@ -69,7 +71,7 @@ def test_a_run_starts_from_an_exported_adapter(setup):
     before, after = load_file(stage_1 / "adapter.safetensors"), load_file(setup["root"] / "stage-2" / "adapter" /
                                                                           "adapter.safetensors")
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    with pytest.raises(ValueError, match=r"init_adapter .*num_experts=4.* differs .*num_experts=3"):
+    with pytest.raises(ValueError, match=r"stage-1/adapter: the adapter is .*num_experts=4.* wants .*num_experts=3"):
         train(_cfg(setup, "stage-2-other", 1, init_adapter=str(stage_1),
                    adapter={"rank": 8, "alpha": 8, "experts": 3, "top_k": 2}))
 

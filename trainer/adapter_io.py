@@ -37,10 +37,10 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model_id: str,
     if adapter is None:
         raise ValueError(f"{type(model).__name__} carries no MoE-LoRA adapter")
     directory = Path(directory)
-    tensors = {name: full_tensor(p.detach()).to("cpu", dtype or p.dtype).contiguous()
-               for name, p in adapter.named_adapter_parameters()}
+    tensors = {name: full_tensor(p.detach()) for name, p in adapter.named_adapter_parameters()}
     if not write:
         return directory
+    tensors = {name: t.to("cpu", dtype or t.dtype).contiguous() for name, t in tensors.items()}
     directory.mkdir(parents=True, exist_ok=True)
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "base_model_id": base_model_id,
               **dataclasses.asdict(adapter.config), "task_dim": adapter.task_embedding.embedding_dim,
@@ -58,16 +58,20 @@ def read_adapter_config(directory: str | Path) -> dict:
     return config
 
 
-def load_adapter(transformer: nn.Module, directory: str | Path) -> MoELoRAAdapter:
-    """Install the saved adapter into `transformer` (frozen afterwards, adapter trainable) and return it.
-    On any mismatch the transformer is left as it was and the error names the offending key."""
+def load_adapter(transformer: nn.Module, directory: str | Path,
+                 expect: MoELoRAConfig | None = None) -> MoELoRAAdapter:
+    """Install the saved adapter into `transformer` (frozen afterwards, adapter trainable) and return it;
+    with `expect`, its rank, experts, ... must be those (checked before any weight is read). On any mismatch
+    the transformer is left as it was and the error names the offending key."""
     config = read_adapter_config(directory)
     if config["task_dim"] != inner_dim(transformer):
         raise ValueError(f"task_embedding.weight: adapter width {config['task_dim']} != transformer width "
                          f"{inner_dim(transformer)}; it was trained on {config['base_model_id']!r}")
     fields = {f.name for f in dataclasses.fields(MoELoRAConfig)}
-    adapter = install_moe_lora(transformer, MoELoRAConfig(**{k: v for k, v in config.items() if k in fields}),
-                               sites=config["sites"])
+    saved = MoELoRAConfig(**{k: v for k, v in config.items() if k in fields})
+    if expect is not None and saved != expect:
+        raise ValueError(f"{directory}: the adapter is {saved}, this run wants {expect}")
+    adapter = install_moe_lora(transformer, saved, sites=config["sites"])
     try:
         _fill(adapter, Path(directory) / WEIGHTS_NAME)
     except Exception:

@@ -33,9 +33,14 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
+def checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+    """The complete checkpoints in `out_dir` as (step, path), oldest first."""
+    return sorted((int(p.name.split("-", 1)[1]), p) for p in out_dir.glob("checkpoint-*")
+                  if p.name.split("-", 1)[1].isdigit())
+
+
 def latest_checkpoint(out_dir: Path) -> tuple[int, Path] | None:
-    done = [(int(p.name.split("-")[1]), p) for p in out_dir.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
-    return max(done) if done else None
+    return (checkpoints(out_dir) or [None])[-1]
 
 
 def _tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -85,7 +90,7 @@ def save_checkpoint(accelerator: Accelerator, out: Path, step: int, keep: int, m
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         tmp.rename(final)
-        for old in sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
+        for _, old in checkpoints(out)[:-keep]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final

@@ -30,7 +30,7 @@ from trainer.data import PairDataset, index_shards
 from trainer.distributed import check_launch, shard
 from trainer.model import EditModel
 from trainer.moe_lora import MoELoRAConfig
-from trainer.placement import install_moe_lora, remove_moe_lora
+from trainer.placement import install_moe_lora
 from trainer.sampler import TaskBatchSampler
 from trainer.validate import hold_out, validate
 
@@ -63,16 +63,6 @@ def load_x2i(cfg: TrainConfig, transformer, device: torch.device, dtype: torch.d
                           trainable=x.trainable)
 
 
-def start_from(transformer, directory: str, config: MoELoRAConfig):
-    """Install the exported adapter at `directory` (e.g. the 512-px stage's) as the starting point."""
-    adapter = load_adapter(transformer, directory)
-    if adapter.config != config:
-        remove_moe_lora(transformer)
-        raise ValueError(f"init_adapter {directory}: its {adapter.config} differs from the recipe's adapter: "
-                         f"{config}")
-    return adapter
-
-
 def train(cfg: TrainConfig) -> list[dict]:
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     check_launch(accelerator)
@@ -84,7 +74,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     a = cfg.adapter
     config = MoELoRAConfig(rank=a.rank, alpha=a.alpha, num_experts=a.experts, top_k=a.top_k)
     adapter = install_moe_lora(pipe.transformer, config) if cfg.init_adapter is None else \
-        start_from(pipe.transformer, cfg.init_adapter, config)
+        load_adapter(pipe.transformer, cfg.init_adapter, expect=config)
     adapter.to(accelerator.device, torch.float32)  # trainable weights stay fp32 under bf16 autocast
     if cfg.gradient_checkpointing:
         pipe.transformer.enable_gradient_checkpointing()

@@ -86,9 +86,10 @@ def save_alignnet(net: AlignNet, path: str | Path, mllm: str, write: bool = True
     from trainer.distributed import full_tensor
 
     path = Path(path)
-    tensors = {k: full_tensor(v.detach()).to("cpu", torch.float32).contiguous() for k, v in net.state_dict().items()}
+    tensors = {k: full_tensor(v.detach()) for k, v in net.state_dict().items()}
     if not write:
         return path
+    tensors = {k: v.to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"format": ALIGNNET_FORMAT, "mllm": mllm})
     return path
