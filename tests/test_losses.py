@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+from datetime import timedelta
 
 import pytest
 
@@ -59,11 +60,12 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_worker(rank: int, port: int, out: dict) -> None:
+def _rank_worker(rank: int, port: int, tasks: torch.Tensor, out: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    # A process that skipped a collective makes the other wait: fail within a minute instead of hanging.
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
     try:
-        feats, tasks = _batch()
+        feats, _ = _batch()
         half = slice(rank * B // 2, (rank + 1) * B // 2)
         local = [f[half].clone().requires_grad_(True) for f in feats]
         loss = task_infonce(local, tasks[half])
@@ -75,16 +77,44 @@ def _rank_worker(rank: int, port: int, out: dict) -> None:
         dist.destroy_process_group()
 
 
-def test_two_processes_give_the_single_process_loss_and_gradients():
-    feats, tasks = _batch()
+@pytest.mark.slow  # two processes
+@pytest.mark.parametrize("tasks", [
+    torch.tensor([1, 1, 3, 3, 5, 5, 1, 3]),  # every anchor has a positive
+    torch.tensor([1, 2, 3, 4, 5, 5, 6, 6]),  # process 0's samples have none: it still joins every exchange
+], ids=["all-positive", "one-process-without-positives"])
+def test_two_processes_give_the_single_process_loss_and_gradients(tasks):
+    feats, _ = _batch()
     full = [f.clone().requires_grad_(True) for f in feats]
     expected = task_infonce_reference(full, tasks)
     expected.backward()
     out = mp.Manager().dict()
-    mp.spawn(_rank_worker, args=(_port(), out), nprocs=2)
+    mp.spawn(_rank_worker, args=(_port(), tasks, out), nprocs=2)
     for rank in (0, 1):
         loss, grads = out[rank]
         assert abs(loss - expected.item()) < 1e-5
         half = slice(rank * B // 2, (rank + 1) * B // 2)
         for g, f in zip(grads, full):
             assert torch.allclose(g, f.grad[half], atol=1e-6)
+
+
+def test_bf16_autocast_leaves_the_loss_and_its_gradient_in_fp32():
+    """Near-identical features (the regime of a collapsing representation): d_ij is a small difference of
+    numbers near 2, which bf16's 8-bit mantissa cannot resolve."""
+    g = torch.Generator().manual_seed(0)
+    common = torch.randn(1, T, D, generator=g)
+    feats = [common + 0.01 * torch.randn(B, T, D, generator=g) for _ in range(BLOCKS)]
+    z = torch.nn.functional.normalize(feats[0].flatten(1), dim=1)
+    assert 0.9998 < (z @ z.T).mean().item() < 0.99995
+    _, tasks = _batch()
+
+    def loss_and_grads(autocast: bool):
+        x = [f.clone().requires_grad_(True) for f in feats]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = task_infonce(x, tasks)
+        loss.backward()
+        return loss, torch.cat([t.grad.flatten() for t in x])
+
+    (loss32, grad32), (loss16, grad16) = loss_and_grads(False), loss_and_grads(True)
+    assert loss16.dtype == torch.float32
+    assert abs(loss16.item() - loss32.item()) <= 1e-3 * abs(loss32.item())
+    assert (grad16 - grad32).norm() <= 1e-3 * grad32.norm()

@@ -50,6 +50,12 @@ def test_a_resumed_run_continues_exactly(setup, straight):
     assert [r["step"] for r in second] == [3, 4]
     assert first == straight[:2] and second == straight[2:]  # bitwise-equal losses on CPU
     assert all(r["task"] > 0 and r["flow"] > 0 for r in straight)
+    # The first step of each epoch reports it: the corpus's 3 tasks × 4 pairs, each pair drawn at least once.
+    epochs = [r["epoch"] for r in straight if "epoch" in r]
+    assert epochs[0]["epoch"] == 0 and "epoch" in straight[0] and epochs[0]["batches"] >= 3
+    assert {name: use["pairs"] for name, use in epochs[0]["tasks"].items()} == {
+        "style_change": 4, "tone_transformation": 4, "camera_movement": 4}
+    assert all(use["drawn"] >= 4 for use in epochs[0]["tasks"].values())
     assert not list((setup["root"] / "resumed").glob(".checkpoint-*"))  # no half-written checkpoint left
     assert (setup["root"] / "resumed" / "checkpoint-notes").is_dir()
 
@@ -126,6 +132,7 @@ def test_validation_is_deterministic_and_leaves_training_as_it_was(setup):
     assert logs[2][0]["val"] != logs[2][1]["val"] and all(v > 0 for v in logs[2][1]["val"].values())
 
 
+@pytest.mark.slow  # several processes
 def test_two_processes_train_with_accelerate_launch(setup, ddp_log):
     checkpoint = setup["root"] / "ddp" / "checkpoint-4"
     assert (checkpoint / "rng-0.pt").exists() and (checkpoint / "rng-1.pt").exists()
@@ -134,6 +141,7 @@ def test_two_processes_train_with_accelerate_launch(setup, ddp_log):
     assert [r["lr"] for r in ddp_log] == pytest.approx([1e-4 * min(1, (s + 1) / 3) for s in (1, 2, 3, 4)])
 
 
+@pytest.mark.slow  # several processes
 def test_fsdp_trains_like_ddp_and_resumes_exactly(setup, ddp_log, tmp_path):
     """FSDP2 on two processes (with gradient checkpointing): the same losses as DDP up to the order of the
     gradient reductions, each process writes its own half of the checkpoint, the exported adapter is the
@@ -180,6 +188,7 @@ def test_fsdp_trains_like_ddp_and_resumes_exactly(setup, ddp_log, tmp_path):
     assert not torch.equal(exported["task_embedding.weight"], adapters[0]["task_embedding.weight"])  # step 2 ≠ 4
 
 
+@pytest.mark.slow  # several processes
 def test_sigkill_mid_run_then_restart_continues_exactly(setup, tmp_path):
     """Killed at an arbitrary step (whatever it was doing), restarted with the same command: every step after
     the last checkpoint is recomputed and equals the uninterrupted run's."""

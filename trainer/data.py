@@ -101,7 +101,8 @@ def _image_size(shard: str, where: tuple[int, int]) -> tuple[int, int]:
 
 
 def bucket_for(width: int, height: int, resolution: int) -> tuple[int, int]:
-    """(height, width) to train at: the square at 512 px, the closest-aspect ~1 MP bucket at 1024 px."""
+    """(height, width) to train and edit at: the closest-aspect ~1 MP bucket at 1024 px, else the square (the
+    reference's 512-px stage trains on 512² only)."""
     if resolution != 1024:
         return resolution, resolution
     aspect = height / width

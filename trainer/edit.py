@@ -6,7 +6,9 @@
 
 The task id for the gates comes from `--task` or from the instruction (trainer/classify.py). A community LoRA
 given with `--lora` is fused into the base weights first, then the adapter is installed on top (the
-reference's plug-and-play order). Sampling: Euler steps of the flow-matching ODE with the reference image's
+reference's plug-and-play order). The image is resized and centre-cropped to the aspect bucket that training
+uses at `--resolution` (trainer/data.py: the closest of the 13 ~1 MP buckets at 1024, else the square), and
+the edit has the bucket's size. Sampling: Euler steps of the flow-matching ODE with the reference image's
 tokens in the sequence, FLUX's resolution-dependent timestep shift, guidance embedding from `--guidance`.
 Text conditioning is FLUX's CLIP + T5 unless `--x2i-mllm` is given: then Qwen2.5-VL + AlignNet (trainer/x2i.py),
 with the AlignNet the adapter was trained with (`<adapter>/alignnet.safetensors`) unless `--x2i-alignnet` names
@@ -24,7 +26,7 @@ from PIL import Image
 
 from trainer.adapter_io import load_adapter, read_adapter_config
 from trainer.classify import LLMTaskClassifier, resolve_task
-from trainer.data import fit
+from trainer.data import bucket_for, fit
 from trainer.model import EditModel, TextEncoder
 
 
@@ -66,9 +68,10 @@ def edit(pipe, adapter, image: Image.Image, instruction: str, task_id: int, *, r
          max_sequence_length: int = 512, text_encoder: TextEncoder | None = None) -> Image.Image:
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-    model = EditModel(pipe, layout, max_sequence_length, text_encoder=text_encoder)
-    side = resolution // 16 * 16  # the VAE's ×8 and the 2×2 packing
-    source = torch.from_numpy(fit(image, (side, side)))[None]
+    model = EditModel(pipe, layout, max_sequence_length, text_encoder=text_encoder, resolution=resolution)
+    # Multiples of 16: whole 2×2 tokens of FLUX's ×8 latent (the 1024-px buckets are already).
+    size_hw = tuple(side // 16 * 16 for side in bucket_for(image.width, image.height, resolution))
+    source = torch.from_numpy(fit(image, size_hw))[None]
     reference = model.encode_images(source)
     text = model.encode_text([instruction])
     generator = torch.Generator().manual_seed(seed)

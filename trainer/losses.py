@@ -20,6 +20,9 @@ averaged over anchors, then over blocks, times λ = 0.2. Two deliberate differen
     numbers instead of the reference's all-gather of every feature to every rank, an R-fold saving. The
     collectives are differentiable, so gradients reach every sample's features, and with DDP's gradient
     averaging the result is the gradient of the global-batch loss, as on one process.
+
+The loss is computed in fp32 whatever the autocast state, as the reference's distances are: under bf16,
+2 − 2 z_i·z_j of near-identical features is mostly rounding error.
 """
 from __future__ import annotations
 
@@ -61,13 +64,19 @@ class _AllReduceSum(torch.autograd.Function):
         return grad
 
 
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def _global_gram(z_BF: torch.Tensor) -> torch.Tensor:
     """Gram matrix of the global batch (B_g, B_g), differentiable, from the local unit vectors (B, F)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    _, world = _rank_and_world()
+    if world == 1:
         return z_BF @ z_BF.T
     from torch.distributed.nn.functional import all_to_all
 
-    world = dist.get_world_size()
     pad = (-z_BF.shape[1]) % world  # equal feature slices; zero padding leaves dot products unchanged
     chunks = list(F.pad(z_BF, (0, pad)).chunk(world, dim=1))  # chunk r goes to rank r
     received = all_to_all([torch.empty_like(c) for c in chunks], chunks)  # all ranks' samples, my slice
@@ -76,37 +85,39 @@ def _global_gram(z_BF: torch.Tensor) -> torch.Tensor:
 
 
 def _gather_tasks(task_B: torch.Tensor) -> torch.Tensor:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    _, world = _rank_and_world()
+    if world == 1:
         return task_B
-    out = [torch.empty_like(task_B) for _ in range(dist.get_world_size())]
+    out = [torch.empty_like(task_B) for _ in range(world)]
     dist.all_gather(out, task_B)
     return torch.cat(out)
 
 
 def task_infonce(features: list[torch.Tensor], task_B: torch.Tensor, tau: float = 0.5) -> torch.Tensor:
-    """Mean over blocks of the mean over this rank's anchors (that have a positive) of L_i.
+    """The global batch's loss: over blocks, the mean of L_i over the anchors that have a positive; in fp32.
 
     features: per block, the image-stream output (B, T, D) of this rank's samples; task_B: task ids (B,).
-    Every rank must hold the same local batch size (DDP's batches do)."""
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    tasks_G = _gather_tasks(task_B)
-    local = slice(rank * task_B.shape[0], (rank + 1) * task_B.shape[0])
-    same_BG = task_B[:, None] == tasks_G[None, :]
-    self_BG = torch.zeros_like(same_BG)
-    self_BG[:, local] = torch.eye(task_B.shape[0], dtype=torch.bool, device=task_B.device)
-    positive_BG = same_BG & ~self_BG
-    has_positive_B = positive_BG.any(dim=1)
-    if not has_positive_B.any():
-        return features[0].new_zeros(())
-    losses = []
-    for h_BTD in features:
-        z_BF = F.normalize(h_BTD.float().flatten(1), dim=1)
-        gram_BG = _global_gram(z_BF)[local]
-        logits_BG = -(2 - 2 * gram_BG) / tau  # −d_ij
-        log_denominator_B = torch.logsumexp(logits_BG, dim=1)
-        log_numerator_B = torch.logsumexp(logits_BG.masked_fill(~positive_BG, float("-inf")), dim=1)
-        losses.append((log_denominator_B - log_numerator_B)[has_positive_B].mean())
-    return torch.stack(losses).mean()
+    Every rank must hold the same local batch size (DDP's batches do). Each rank returns its anchors' sum
+    over the global count, times the world size: averaged over ranks (DDP's gradients, the logged loss) that
+    is the global-batch loss, however the anchors with a positive are spread over the ranks."""
+    with torch.autocast(features[0].device.type, enabled=False):  # fp32: see the module's docstring
+        rank, world = _rank_and_world()
+        tasks_G = _gather_tasks(task_B)
+        local = slice(rank * task_B.shape[0], (rank + 1) * task_B.shape[0])
+        positive_GG = (tasks_G[:, None] == tasks_G[None, :]).fill_diagonal_(False)
+        has_positive_G = positive_GG.any(dim=1)
+        anchors_B = has_positive_G[local]
+        positive_AG = positive_GG[local][anchors_B]
+        losses = []
+        # Every rank runs every exchange, even with no anchor of its own (its share is then an empty sum
+        # that still carries the exchanges' backward): a rank that skipped one would hang the others.
+        for h_BTD in features:
+            z_BF = F.normalize(h_BTD.float().flatten(1), dim=1)
+            logits_AG = -(2 - 2 * _global_gram(z_BF)[local][anchors_B]) / tau  # −d_ij
+            log_denominator_A = torch.logsumexp(logits_AG, dim=1)
+            log_numerator_A = torch.logsumexp(logits_AG.masked_fill(~positive_AG, float("-inf")), dim=1)
+            losses.append((log_denominator_A - log_numerator_A).sum())
+        return torch.stack(losses).mean() * world / has_positive_G.sum().clamp(min=1)
 
 
 def task_infonce_reference(features: list[torch.Tensor], task_B: torch.Tensor, tau: float = 0.5) -> torch.Tensor:

@@ -7,10 +7,11 @@ ids, and the model predicts only the target tokens. Two id layouts:
     FLUX.1 Kontext. They share the noisy tokens' timestep modulation, which is exactly what stock
     `FluxTransformer2DModel` computes — so any FLUX.1 variant (dev, schnell, Krea, Kontext itself) trains
     with no fork of the transformer, and a Kontext checkpoint starts from weights made for this layout.
-  - "row_offset": the X2Edit reference's ids, rows shifted by +64 at 512 px / +128 at 1024 px (the latent
-    grid's height in tokens). The reference also gives the reference tokens their own timestep-0
-    modulation (EasyControl), which needs a forked transformer; that part is left out, the ids are kept
-    so the layout can be compared.
+  - "row_offset": the X2Edit reference's ids, rows shifted by its `--offset`: +64 at 512 px, +128 at 1024 px
+    (reference-code.md §3.4), the VAE latent's height at the run's resolution, the same for every aspect
+    bucket: twice the token rows of the square, so the two grids never overlap. The reference also gives
+    the reference tokens their own timestep-0 modulation (EasyControl), which needs a forked transformer;
+    that part is left out, the ids are kept so the layout can be compared.
 Text. FLUX's own CLIP + T5 (`pipe.encode_prompt`) by default; any `TextEncoder` given to `EditModel` replaces
 them, such as the paper's X2I route (Qwen2.5-VL hidden states → AlignNet, trainer/x2i.py).
 """
@@ -55,8 +56,9 @@ def unpack(tokens_BNP: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return x.reshape(b, p // 4, h, w)
 
 
-def latent_ids(h_tokens: int, w_tokens: int, layout: str, reference: bool) -> torch.Tensor:
-    """Position ids (N, 3) = (index, row, col) of a packed latent grid, for the target or the reference."""
+def latent_ids(h_tokens: int, w_tokens: int, layout: str, reference: bool, row_offset: int) -> torch.Tensor:
+    """Position ids (N, 3) = (index, row, col) of a packed latent grid, for the target or the reference;
+    `row_offset` is the row_offset layout's shift of the reference rows."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown reference layout {layout!r}; choose one of {LAYOUTS}")
     ids = torch.zeros(h_tokens, w_tokens, 3)
@@ -65,7 +67,7 @@ def latent_ids(h_tokens: int, w_tokens: int, layout: str, reference: bool) -> to
     if reference and layout == "kontext":
         ids[..., 0] = 1
     elif reference:
-        ids[..., 1] += h_tokens  # +64 rows at 512 px, +128 at 1024 px: the reference's offsets
+        ids[..., 1] += row_offset
     return ids.reshape(-1, 3)
 
 
@@ -75,14 +77,16 @@ class EditModel:
     `forward_module` is what gets called: the transformer itself, or its DDP/FSDP wrapper when training on
     several processes (so gradients are synchronised). Calls to `predict` and the backward pass run inside
     `with adapter.task(task_ids):`, which gives the gates the batch's task embedding. `text_encoder`, when
-    given, replaces the pipeline's CLIP + T5 (which then need not be loaded)."""
+    given, replaces the pipeline's CLIP + T5 (which then need not be loaded). `resolution` is the run's
+    (the recipe's, or the editor's `--resolution`): the row_offset layout's shift depends on it."""
 
     def __init__(self, pipe, layout: str = "kontext", max_sequence_length: int = 512, forward_module=None,
-                 text_encoder: TextEncoder | None = None):
+                 text_encoder: TextEncoder | None = None, resolution: int = 512):
         self.pipe, self.layout, self.max_len = pipe, layout, max_sequence_length
         self.transformer = pipe.transformer
         self.forward_module = forward_module or pipe.transformer
         self.text_encoder = text_encoder
+        self.row_offset = resolution // pipe.vae_scale_factor if layout == "row_offset" else 0
 
     @torch.no_grad()
     def encode_images(self, images_B3HW: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -107,6 +111,11 @@ class EditModel:
                                                           max_sequence_length=self.max_len)
         return TextEmbeds(prompt, pooled, ids)
 
+    def image_ids(self, h: int, w: int) -> torch.Tensor:
+        """Position ids of the target tokens, then the reference tokens, for latents of height h and width w."""
+        return torch.cat([latent_ids(h // 2, w // 2, self.layout, reference, self.row_offset)
+                          for reference in (False, True)])
+
     def predict(self, noisy_BCHW: torch.Tensor, reference_BCHW: torch.Tensor, text: TextEmbeds,
                 sigma_B: torch.Tensor, guidance: float, features: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Velocity for the noisy target latents (B, C, h, w); fills `features` with the image-stream output
@@ -114,8 +123,7 @@ class EditModel:
         b, _, h, w = noisy_BCHW.shape
         target_BNP, reference_BNP = pack(noisy_BCHW), pack(reference_BCHW)
         n = target_BNP.shape[1]
-        img_ids = torch.cat([latent_ids(h // 2, w // 2, self.layout, False),
-                             latent_ids(h // 2, w // 2, self.layout, True)]).to(target_BNP.device, target_BNP.dtype)
+        img_ids = self.image_ids(h, w).to(target_BNP.device, target_BNP.dtype)
         dtype = self.transformer.dtype
         kwargs = {}
         if self.transformer.config.guidance_embeds:

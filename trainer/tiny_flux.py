@@ -48,8 +48,11 @@ def _t5_tokenizer():
     return T5TokenizerFast(vocab=pieces, extra_ids=0)
 
 
-def build_tiny_flux(path: str | Path, seed: int = 0) -> Path:
-    """Write the pipeline to `path` (idempotent: an existing build is reused) and return the path."""
+def build_tiny_flux(path: str | Path, seed: int = 0, vae_scale_factor: int = 2) -> Path:
+    """Write the pipeline to `path` (idempotent: an existing build is reused) and return the path.
+
+    `vae_scale_factor` 8 is FLUX.1's (one latent pixel per 8×8): it keeps 1024-px images down to FLUX's token
+    counts (~4k per image) where the default 2 would give 64k."""
     path = Path(path)
     if (path / "model_index.json").exists():
         return path
@@ -63,10 +66,12 @@ def build_tiny_flux(path: str | Path, seed: int = 0) -> Path:
                                         projection_dim=TEXT_DIM, bos_token_id=0, eos_token_id=1, pad_token_id=1))
     t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=TEXT_DIM, d_kv=16, d_ff=64, num_layers=2,
                                  num_heads=2, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        layers_per_block=1, norm_num_groups=4, sample_size=64, scaling_factor=1.5,
-                        shift_factor=0.1)
+    blocks = vae_scale_factor.bit_length()  # a power of two: every block after the first halves the size
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                        block_out_channels=(8,) + (16,) * (blocks - 1), layers_per_block=1,
+                        down_block_types=("DownEncoderBlock2D",) * blocks,
+                        up_block_types=("UpDecoderBlock2D",) * blocks,
+                        norm_num_groups=4, sample_size=64, scaling_factor=1.5, shift_factor=0.1)
     # in_channels = 4 latent channels × the 2×2 packing; head dim 16 = sum of the RoPE axes.
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
                                          attention_head_dim=16, num_attention_heads=2,

@@ -8,8 +8,10 @@
 Each step: VAE-encode target and reference, noise the target at σ, predict the velocity with the reference
 tokens in the sequence, loss = flow matching + λ · task InfoNCE over the double blocks' image-stream outputs.
 A killed run restarted with the same command continues exactly where its last checkpoint left it
-(trainer/checkpoint.py). Text conditioning: FLUX's CLIP + T5, or with `text_encoder: x2i` Qwen2.5-VL + AlignNet
-(trainer/x2i.py), whose weights are exported as `alignnet.safetensors` beside the adapter.
+(trainer/checkpoint.py). `<out_dir>/train_log.jsonl` has a line per step; an epoch's first step also carries
+the epoch's draws per task (trainer/sampler.py). Text conditioning: FLUX's CLIP + T5, or with
+`text_encoder: x2i` Qwen2.5-VL + AlignNet (trainer/x2i.py), whose weights are exported as
+`alignnet.safetensors` beside the adapter.
 """
 from __future__ import annotations
 
@@ -104,7 +106,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     if forward_alignnet:
         x2i.forward_alignnet = forward_alignnet[0]
     model = EditModel(pipe, cfg.reference_layout, cfg.max_sequence_length, forward_module=transformer,
-                      text_encoder=x2i)
+                      text_encoder=x2i, resolution=cfg.resolution)
 
     # A checkpoint holds the trainable tensors of the trained modules, their optimizer states, the schedule.
     checkpointed = trained[0] if len(trained) == 1 else nn.ModuleDict({"transformer": trained[0],
@@ -127,7 +129,10 @@ def train(cfg: TrainConfig) -> list[dict]:
     for batch in loader:
         if step >= cfg.steps:
             break
+        epoch, position = sampler.locate(step)
         record = train_step(cfg, model, adapter, accelerator, transformer, optimizer, scheduler, batch)
+        if position == 0:  # an epoch's first step logs what the epoch draws of each task
+            record["epoch"] = sampler.epoch_report(epoch)
         step += 1
         record["step"] = step
         history.append(record)
