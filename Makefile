@@ -12,7 +12,7 @@ export RAY_AUTH_MODE := disabled
 export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup build-dataset train test bench browser clean
+.PHONY: setup build-dataset train test test-fast bench browser clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -51,6 +51,10 @@ browser:
 
 test: $(VENV)/.test browser
 	$(PY) -m pytest -q
+
+# For local work: everything but the tests marked slow (Ray clusters, several processes, the browser).
+test-fast: $(VENV)/.test
+	$(PY) -m pytest -q -m "not slow"
 
 bench: $(VENV)/.test
 	$(PY) -m bench.engine_overhead

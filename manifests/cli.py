@@ -61,6 +61,10 @@ def cmd_ls(args) -> int:
     return 0
 
 
+def _reason(top: dict | None) -> str | None:
+    return top and f"{top['reason']} {top['count']}"
+
+
 def render_stats(stats: dict) -> str:
     pct = lambda v: None if v is None else f"{v:.1%}"  # noqa: E731
     out = ["units: " + _counts(stats["units"]), "", "funnel",
@@ -69,9 +73,12 @@ def render_stats(stats: dict) -> str:
            "", "tasks (accepted share vs target share)",
            text_table([{"task": t, **c, "share": pct(c["share"]), "target": pct(c["target_share"])}
                        for t, c in stats["tasks"].items()], ["task", ACCEPTED, REJECTED, FAILED, "share", "target"]),
-           "", "editors",
-           text_table([{"editor": e, **c} for e, c in stats["editors"].items()],
-                      ["editor", ACCEPTED, REJECTED, FAILED]),
+           "", "editors (yield: accepted / attempted)",
+           text_table([{"editor": e, **c, "yield": pct(c["yield"]), "top_reason": _reason(c["top_reason"])}
+                       for e, c in stats["editors"].items()],
+                      ["editor", ACCEPTED, REJECTED, FAILED, "yield", "top_reason"]),
+           *[f"ZERO YIELD: {e} had none of its {c['attempts']} pairs accepted (top reason: {_reason(c['top_reason'])})"
+             for e, c in stats["editors"].items() if c[ACCEPTED] == 0],
            "", f"throughput (busy seconds summed over actors; wall {stats['wall_s']} s, "
                f"{stats['pairs_per_s']} accepted pairs/s)",
            text_table([{"stage": s, **t} for s, t in stats["throughput"].items()],
@@ -92,7 +99,7 @@ def cmd_stats(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from manifests.inspect import show_pair
+    from manifests.show import show_pair
 
     out = Path(args.out or args.pair_id)
     record = show_pair(open_run(args.run), args.pair_id, out)
@@ -102,7 +109,7 @@ def cmd_show(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from manifests.inspect import show_pair
+    from manifests.show import show_pair
     from manifests.query import known_values, select_units
 
     run = open_run(args.run)

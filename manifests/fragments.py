@@ -9,16 +9,21 @@ Resume. A unit is done in a stage when all the rows it turns into are committed:
   fragments, and the process may have died between two of them).
 A rerun recomputes the samples that are not done. Their rows that were committed before the kill come back
 identical (pair ids are deterministic), and readers keep the first copy of each unit id.
+
+Completion. A stage that has finished every unit of the plan writes `COMPLETE.json` (counts and digests of
+its units and source samples) after its last fragment; a per-stage job refuses to start before its
+predecessor's record exists, so no unit can silently go missing between stages and the ledger.
 """
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from manifests.commit import TMP_MARKER, atomic_write_parquet
+from manifests.commit import TMP_MARKER, atomic_write_bytes, atomic_write_parquet
 from manifests.schema import stable_hash
 
 
@@ -72,3 +77,31 @@ def done_ids(directory: Path) -> set[str]:
     complete = {s for s, n in have.items() if n >= (expected[s] or 1)}
     return set(units) | complete
 
+
+
+# ------------------------------------------------------------------------------------------ completion
+
+COMPLETE_NAME = "COMPLETE.json"
+
+
+def unit_digest(ids: list[str]) -> str:
+    """Order-free digest of a set of ids: two runs planned the same units exactly when these agree."""
+    return stable_hash(*sorted(set(ids)), n=32)
+
+
+def plan_record(table: pa.Table) -> dict:
+    """Counts and digests of the units and source samples in a table (needs unit_id, sample_id)."""
+    units, samples = table.column("unit_id").to_pylist(), table.column("sample_id").to_pylist()
+    return {"units": len(set(units)), "units_sha": unit_digest(units),
+            "samples": len(set(samples)), "samples_sha": unit_digest(samples)}
+
+
+def mark_complete(directory: Path, record: dict) -> None:
+    """Record that a stage has finished every unit of the plan. Written last, through the commit protocol,
+    so its presence means the stage's fragments hold the whole plan; the next stage starts only then."""
+    atomic_write_bytes(Path(directory) / COMPLETE_NAME, json.dumps(record, indent=1, sort_keys=True).encode())
+
+
+def read_completion(directory: Path) -> dict | None:
+    path = Path(directory) / COMPLETE_NAME
+    return json.loads(path.read_text()) if path.exists() else None

@@ -70,15 +70,15 @@ def render_html(run: Run, per_group: int) -> str:
 
 
 def _gallery(run: Run, con, per_group: int) -> list[dict]:
-    """At most per_group pairs per (task, decision, reason), each with its `thumb`: source | edited | mask from
-    the shard for accepted pairs, the pipeline's src | edited thumb for ended ones.
+    """At most per_group pairs per (task, decision, reason), each with its `thumb`: source | edited | region mask
+    from the shard for accepted pairs, the pipeline's src | edited thumb for ended ones.
 
     Accepted pairs are taken from the first rows of the first shards: every shard carries the task mix and
     holds a task's pairs in pair-id (hash) order, so this is an unbiased pick that reads few tars, and only
     their beginnings. Ended units are picked by a hash of their id."""
     gallery = con.sql(
         "SELECT unit_id, pair_id, decision, stage, reason, message, shard, task, instruction_en, instruction_zh, "
-        "scores FROM units WHERE pair_id IS NOT NULL QUALIFY row_number() OVER (PARTITION BY task, decision, "
+        "scores, region_mask FROM units WHERE pair_id IS NOT NULL QUALIFY row_number() OVER (PARTITION BY task, decision, "
         "reason ORDER BY shard NULLS LAST, _row NULLS LAST, md5(unit_id)) <= ? "
         "ORDER BY task, decision, reason, md5(unit_id)", params=[per_group]).to_arrow_table().to_pylist()
     ended = ended_rows(run, [r["unit_id"] for r in gallery if r["decision"] != ACCEPTED], ["thumb", "instruction_zh"])
@@ -91,8 +91,8 @@ def _gallery(run: Run, con, per_group: int) -> list[dict]:
     for r in gallery:
         if r["decision"] == ACCEPTED:
             files = members.get(r["pair_id"], {})
-            images = [files[n] for n in (f"{r['pair_id']}.{f}" for f in ("src.jpg", "edited.jpg", "mask.png"))
-                      if n in files]
+            shown = ("src.jpg", "edited.jpg") + (("mask.png",) if r["region_mask"] else ())  # not a blank mask
+            images = [files[n] for n in (f"{r['pair_id']}.{f}" for f in shown) if n in files]
             r["thumb"] = contact_thumb(images, height=THUMB_HEIGHT) if images else None
         else:  # the ledger does not keep the Chinese instruction of ended units; their last stage row does
             last = ended.get(r["unit_id"], {})

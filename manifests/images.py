@@ -16,9 +16,14 @@ import zlib
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-# Only the decoders the corpus needs. Image.open would otherwise try ~40 plugins on hostile bytes,
-# some of which shell out (EPS -> Ghostscript) or are rarely fuzzed.
-_ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
+# The image files the corpus reads: extension -> the only Pillow decoder tried on it. The one list the input
+# readers (tar members, folder files) and the decoder share, so neither accepts what the other drops; in the
+# order of preference when one sample holds several images (GIF last: 256 colours). Only these decoders:
+# Image.open would otherwise try ~40 plugins on hostile bytes, some of which shell out (EPS -> Ghostscript)
+# or are rarely fuzzed.
+IMAGE_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "bmp": "BMP",
+                 "tif": "TIFF", "tiff": "TIFF", "gif": "GIF"}
+_ALLOWED_FORMATS = tuple(dict.fromkeys(IMAGE_FORMATS.values()))
 
 # Modes Pillow converts to RGB correctly. LAB is missing on purpose: Pillow's LAB->RGB is a raw channel
 # copy, not a colour conversion. La/RGBa/HSV cannot come out of a file decoder.
@@ -36,8 +41,11 @@ class ImageRejected(Exception):
         self.message = message
 
 
-def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
-    """Decode to a writable RGB uint8 array (H, W, 3), EXIF orientation applied, alpha composited on white."""
+def decode_image(data: bytes, *, max_pixels: int, warnings: list[str] | None = None) -> np.ndarray:
+    """Decode to a writable RGB uint8 array (H, W, 3), EXIF orientation applied, alpha composited on white.
+
+    An animated image (GIF, WebP, multi-page TIFF) gives its first frame, with a warning appended to
+    `warnings` when given."""
     if not data:
         raise ImageRejected("empty_file", "zero bytes")
     try:
@@ -49,7 +57,10 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
                 raise ImageRejected("unsupported_mode", f"mode {im.mode!r} ({im.format})")
             im.load()
             ImageOps.exif_transpose(im, in_place=True)
-            return _to_rgb(im)
+            image = _to_rgb(im)
+            if warnings is not None and _has_more_frames(im):
+                warnings.append(f"animated_image: a {im.format} with several frames; the first is used")
+            return image
     except ImageRejected:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -71,6 +82,15 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
         raise  # an exhausted worker is not a property of the image
     except Exception as exc:  # noqa: BLE001 - hostile bytes reach deep into C decoders; keep the class name
         raise ImageRejected("decode_error", f"unexpected {type(exc).__name__}: {exc}") from exc
+
+
+def _has_more_frames(im: Image.Image) -> bool:
+    """Whether a second frame follows (only its header is read). Asked after the first frame is decoded, and
+    a damaged rest counts as no frame: the sample is already usable and must not be lost to a note."""
+    try:
+        return bool(getattr(im, "is_animated", False))
+    except (OSError, EOFError, SyntaxError, ValueError, struct.error, zlib.error, IndexError):
+        return False  # what Pillow's plugins raise on a malformed frame after the first
 
 
 def _to_rgb(im: Image.Image) -> np.ndarray:

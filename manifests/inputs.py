@@ -12,6 +12,8 @@ import posixpath
 import stat
 from collections.abc import Iterator
 
+from braceexpand import braceexpand
+
 from manifests.raw_sample import (IMAGE_SUFFIXES, InputUnit, RawSample, Unusable, build_sample, display_name,
                                   make_sample_id)
 from manifests.tar_reader import read_tar
@@ -23,19 +25,23 @@ __all__ = ["InputUnit", "RawSample", "make_sample_id", "plan_inputs", "read_unit
 
 
 def plan_inputs(kind: str, paths: list[str], chunk_size: int) -> list[InputUnit]:
-    """Expand paths/globs into read units: one per tar, or chunks of `chunk_size` files per folder."""
+    """Expand paths, brace patterns (`shards-{000000..000099}.tar`, the WebDataset convention) and globs into
+    read units: one per tar, or chunks of `chunk_size` files per folder. A path or brace member that
+    matches nothing is an error naming it: a silently shorter input would be worse."""
     if kind not in ("webdataset", "folder"):
         raise ValueError(f"unknown input kind {kind!r}; expected 'webdataset' or 'folder'")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     found: dict[tuple[str, tuple[str, ...]], None] = {}  # ordered set: a path listed twice is read once
-    for pattern in paths:
-        matches = [pattern] if os.path.exists(pattern) else sorted(glob.glob(pattern, recursive=True))
-        units = [unit for match in matches for unit in _expand(kind, match, chunk_size)]
-        if not units:
-            what = ".tar files" if kind == "webdataset" else "image files"
-            raise ValueError(f"no {what} found for input path {pattern!r}")
-        found.update(dict.fromkeys(units))
+    for given in paths:
+        for pattern in braceexpand(given):
+            matches = [pattern] if os.path.exists(pattern) else sorted(glob.glob(pattern, recursive=True))
+            units = [unit for match in matches for unit in _expand(kind, match, chunk_size)]
+            if not units:
+                what = ".tar files" if kind == "webdataset" else "image files"
+                origin = f" (from {given!r})" if pattern != given else ""
+                raise ValueError(f"no {what} found for input path {pattern!r}{origin}")
+            found.update(dict.fromkeys(units))
     return [InputUnit(kind, uri, index, members) for index, (uri, members) in enumerate(found)]
 
 

@@ -1,11 +1,11 @@
-"""Read-only views of a run dir for `x2edit-shards`: the shard list, run statistics and one pair's record.
+"""Read-only views of a run dir for `x2edit-shards`: the shard list, run statistics, and reading pairs and
+ended units back (manifests/show.py builds one pair's record from these).
 
 pyarrow only (no DuckDB, no Ray), so `ls`, `stats` and `show` start fast. A run dir is either a pipeline run
 (its `recipe.json` names the shard prefix) or an export made by `x2edit-shards export` (`export.json`).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import tarfile
 from collections import defaultdict
@@ -146,6 +146,22 @@ def _by_status(ledger: pa.Table, key: str) -> dict[str, dict]:
     return dict(sorted(out.items()))
 
 
+def editor_stats(ledger: pa.Table) -> dict[str, dict]:
+    """Per editor: pairs by status, yield (accepted / attempted) and the reason that ended most of the rest,
+    so an editor the policy always rejects stands out instead of hiding in its task's average."""
+    editors = _by_status(ledger, "editor")
+    ended = ledger.filter(pc.and_(pc.is_valid(ledger["editor"]), pc.not_equal(ledger["status"], ACCEPTED)))
+    reasons = _group_counts(ended.select(["editor", "reason"]), ["editor", "reason"])
+    top: dict[str, dict] = {}
+    for r in sorted(reasons, key=lambda r: (-r["count_all"], r["reason"])):  # the most frequent first
+        top.setdefault(r["editor"], {"reason": r["reason"], "count": r["count_all"]})
+    for editor, counts in editors.items():
+        attempts = counts[ACCEPTED] + counts[REJECTED] + counts[FAILED]
+        counts.update({"attempts": attempts, "yield": round(counts[ACCEPTED] / attempts, 4),
+                       "top_reason": top.get(editor)})
+    return editors
+
+
 def score_distributions(run: Run) -> dict[str, dict[str, dict]]:
     """{score: {task: n, min, p10, p50, p90, max}} over the accepted pairs (the manifests' score_* columns)."""
     tables = []
@@ -191,12 +207,12 @@ def run_stats(run: Run) -> dict:
     walls = run.root / "invocations.json"
     wall = sum(w["wall_s"] for w in json.loads(walls.read_text())) if walls.exists() else None
     return {"units": {r["status"]: r["count_all"] for r in _group_counts(ledger.select(["status"]), ["status"])},
-            "funnel": steps, "tasks": tasks, "editors": _by_status(ledger, "editor"), "throughput": throughput,
+            "funnel": steps, "tasks": tasks, "editors": editor_stats(ledger), "throughput": throughput,
             "wall_s": wall, "pairs_per_s": round(accepted / wall, 3) if wall else None,
             "scores": score_distributions(run)}
 
 
-# -------------------------------------------------------------------------------------------- show
+# ------------------------------------------------------------------------------- reading pairs back
 
 def read_members(run: Run, shard: str, keys: set[str]) -> dict[str, dict[str, bytes]]:
     """{key: {member name: bytes}} for the given keys of one shard, in one pass over its tar."""
@@ -232,68 +248,3 @@ def ended_rows(run: Run, unit_ids: list[str], columns: list[str]) -> dict[str, d
         for row in table.to_pylist():
             rows.setdefault(row["unit_id"], row)
     return rows
-
-
-def _ledger_row(run: Run, key: str) -> dict | None:
-    if not run.ledger_path:
-        return None
-    rows = pq.read_table(run.ledger_path, filters=(pc.field("pair_id") == key) | (pc.field("unit_id") == key))
-    return rows.to_pylist()[0] if rows.num_rows else None
-
-
-def _manifest_row(run: Run, key: str, shard: str | None) -> dict | None:
-    paths = [run.shards_dir / f"{shard}.parquet"] if shard else run.manifests()
-    for path in paths:
-        if not path.exists():
-            raise RunError(f"the ledger puts {key!r} in shard {shard}, but {path} does not exist")
-        rows = pq.read_table(path, filters=pc.field("pair_id") == key)
-        if rows.num_rows:
-            return rows.to_pylist()[0]
-    return None
-
-
-def show_pair(run: Run, key: str, out: Path) -> dict:
-    """The record of one pair (or ended unit) and its images written into `out`; returns the record."""
-    ledger = _ledger_row(run, key)
-    accepted = ledger is None or ledger["status"] == ACCEPTED
-    manifest = _manifest_row(run, key, ledger["shard"] if ledger else None) if accepted else None
-    if ledger is None and manifest is None:
-        raise RunError(f"no pair or unit {key!r} in {run.root} (searched "
-                       f"{LEDGER_NAME + ' and ' if run.ledger_path else ''}{len(run.manifests())} manifests); "
-                       "list ids with `x2edit-shards sample RUN`")
-    if accepted and manifest is None:
-        raise RunError(f"the ledger accepts {key!r} into shard {ledger['shard']}, but its manifest has no such pair")
-    if out.exists() and not out.is_dir():
-        raise RunError(f"--out {out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    if not accepted:
-        return _ended_record(run, ledger, out)
-    members = read_members(run, manifest["shard"], {key}).get(key, {})
-    expected = dict(zip(manifest["members"], manifest["member_sha256"]))
-    missing = sorted(set(expected) - set(members))
-    if missing:
-        raise RunError(f"{run.tar(manifest['shard'])}: member {missing[0]} of pair {key!r} is listed in "
-                       f"{manifest['shard']}.parquet but missing from the tar; run `x2edit-shards validate`")
-    for name, data in members.items():
-        if hashlib.sha256(data).hexdigest() != expected.get(name):
-            raise RunError(f"{run.tar(manifest['shard'])}: member {name} does not match its manifest checksum; "
-                           "run `x2edit-shards validate`")
-        (out / name).write_bytes(data)
-    record = json.loads(members[f"{key}.json"])
-    return {**record, "decision": ACCEPTED, "shard": manifest["shard"], "files": [str(out / n) for n in members]}
-
-
-def _ended_record(run: Run, ledger: dict, out: Path) -> dict:
-    unit = ledger["unit_id"]
-    extra = ended_rows(run, [unit], ["instruction_zh", "params", "subject", "provenance", "source_meta", "thumb"])
-    extra = extra.get(unit, {})
-    thumb = extra.pop("thumb", None)
-    record = {**ledger, **{k: v for k, v in extra.items() if k != "unit_id"}, "decision": ledger["status"]}
-    for key in ("scores", "thresholds", "params", "subject", "provenance", "source_meta"):
-        if isinstance(record.get(key), str):
-            record[key] = json.loads(record[key])
-    record["files"] = []
-    if thumb is not None:  # the pipeline keeps no full-size images of units it ended
-        (out / f"{unit}.thumb.jpg").write_bytes(thumb)
-        record["files"] = [str(out / f"{unit}.thumb.jpg")]
-    return record

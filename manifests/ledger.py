@@ -6,6 +6,7 @@ source sample therefore appears once if it ended before fan-out, else once per c
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,6 +19,7 @@ LEDGER_COLUMNS = ("unit_id", "sample_id", "pair_id", "status", "stage", "reason"
                   "source_uri", "task", "op", "editor", "instruction_en", "scores", "thresholds",
                   "t_source", "t_instruct", "t_edit", "t_score")
 LEDGER_NAME = "ledger.parquet"
+PLAN_KEY = b"x2edit_plan"
 
 
 def build_ledger(rows: pa.Table, shard_of: dict[str, str]) -> pa.Table:
@@ -34,10 +36,18 @@ def build_ledger(rows: pa.Table, shard_of: dict[str, str]) -> pa.Table:
     return table.append_column("shard", pa.array(shards, pa.string()))
 
 
-def write_ledger(run_dir: Path, ledger: pa.Table) -> Path:
+def write_ledger(run_dir: Path, ledger: pa.Table, plan: dict[str, dict]) -> Path:
+    """`plan`: the stages' completion records (manifests.fragments). Kept in the file's metadata, so a corpus
+    copied without its stage outputs can still be checked against the units it was planned with."""
     path = Path(run_dir) / LEDGER_NAME
-    atomic_write_parquet(path, ledger)
+    atomic_write_parquet(path, ledger.replace_schema_metadata({PLAN_KEY: json.dumps(plan, sort_keys=True)}))
     return path
+
+
+def ledger_plan(path: Path) -> dict[str, dict]:
+    """The completion records a ledger was written against ({} for a ledger written before they existed)."""
+    meta = pq.read_schema(path).metadata or {}
+    return json.loads(meta[PLAN_KEY]) if PLAN_KEY in meta else {}
 
 
 def read_ledger(run_dir: Path) -> pa.Table:

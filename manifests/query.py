@@ -5,7 +5,7 @@ One view, `units`, holds every unit of the run:
 - rejected and failed units from the ledger, with the same `score_<name>` columns parsed from the ledger's
   scores JSON, so one expression filters both (`--decision rejected --where "score_change_outside > 0.05"`).
 Columns: unit_id, pair_id, sample_id, decision, stage, reason, message, shard, task, op, editor, source_uri,
-instruction_en, instruction_zh, has_mask, scores (JSON), score_*. A score can also be named without its
+instruction_en, instruction_zh, region_mask, scores (JSON), score_*. A score can also be named without its
 prefix (`judge_sum < 8`) when no other column has that name.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from manifests.shards import MANIFEST_SCHEMA, shard_name, write_shard
 from manifests.taxonomy import UnknownTaskError, task_by_name
 
 BASE_COLUMNS = ("unit_id", "pair_id", "sample_id", "decision", "stage", "reason", "message", "shard", "task", "op",
-                "editor", "source_uri", "instruction_en", "instruction_zh", "has_mask", "scores")
+                "editor", "source_uri", "instruction_en", "instruction_zh", "region_mask", "scores")
 SAMPLE_ORDER = "md5(unit_id || CAST(? AS VARCHAR))"  # a seeded shuffle that does not depend on file order
 CORPUS_ORDER = "shard, _row"  # the order of the source corpus
 
@@ -52,7 +52,7 @@ def connect(run: Run) -> tuple[duckdb.DuckDBPyConnection, list[str]]:
         names |= {c[len(SCORE_PREFIX):] for c in score_columns}
         parts.append(f"SELECT pair_id AS unit_id, '{ACCEPTED}' AS decision, NULL::VARCHAR AS stage, "
                      "NULL::VARCHAR AS reason, NULL::VARCHAR AS message, file_row_number AS _row, pair_id, "
-                     "sample_id, shard, task, op, editor, source_uri, instruction_en, instruction_zh, has_mask, "
+                     "sample_id, shard, task, op, editor, source_uri, instruction_en, instruction_zh, region_mask, "
                      f"scores{''.join(', ' + quote_ident(c) for c in score_columns)} FROM manifests")
     if run.ledger_path:
         con.execute(f"CREATE VIEW ledger AS SELECT * FROM read_parquet({_literal(str(run.ledger_path))})")
@@ -63,7 +63,7 @@ def connect(run: Run) -> tuple[duckdb.DuckDBPyConnection, list[str]]:
                          f"{quote_ident(SCORE_PREFIX + n)}" for n in sorted(names))
         parts.append("SELECT unit_id, pair_id, sample_id, status AS decision, stage, reason, message, "
                      "NULL::VARCHAR AS shard, task, op, editor, source_uri, instruction_en, NULL::VARCHAR AS "
-                     f"instruction_zh, NULL::BOOLEAN AS has_mask, scores, NULL::BIGINT AS _row{scores} {ended}")
+                     f"instruction_zh, NULL::BOOLEAN AS region_mask, scores, NULL::BIGINT AS _row{scores} {ended}")
     if not parts:
         raise RunError(f"{run.root} has no manifests and no ledger: nothing to query")
     con.execute("CREATE VIEW units AS " + " UNION ALL BY NAME ".join(parts))

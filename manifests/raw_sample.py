@@ -12,8 +12,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-# Image member extensions, in the order of preference when one sample holds several.
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
+from manifests.images import IMAGE_FORMATS
+
+# Image member extensions (exactly those the decoder reads), in the order of preference when one sample
+# holds several.
+IMAGE_EXTENSIONS = tuple(IMAGE_FORMATS)
 IMAGE_SUFFIXES = tuple(f".{ext}" for ext in IMAGE_EXTENSIONS)
 _ID_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 

@@ -32,12 +32,23 @@ MANIFEST_SCHEMA = pa.schema([
     ("seed", pa.int64()),
     ("width", pa.int32()),
     ("height", pa.int32()),
-    ("has_mask", pa.bool_()),
+    ("region_mask", pa.bool_()),  # mask.png marks the edited region (else the whole image: a global edit)
     ("members", pa.list_(pa.string())),
     ("member_sha256", pa.list_(pa.string())),
     ("scores", pa.string()),  # JSON; also flattened into score_* columns by the pack stage
     ("recipe_hash", pa.string()),
 ])
+
+
+# A pair's `<key>.json` has the same fields, of the same types, in every record of every corpus: stock readers
+# (HF `datasets`, Ray Data) infer one schema from the first few records and refuse any record that differs.
+# Its open-ended mappings (per-op parameters, per-task scores, user sidecars, …) are therefore JSON text.
+RECORD_JSON_FIELDS = ("params", "scores", "thresholds", "subject", "provenance", "source_meta")
+
+
+def decode_record(record: dict) -> dict:
+    """A pair record (or a ledger row) with its JSON-text fields parsed."""
+    return {k: json.loads(v) if k in RECORD_JSON_FIELDS and isinstance(v, str) else v for k, v in record.items()}
 
 
 def shard_name(prefix: str, index: int) -> str:

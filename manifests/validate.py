@@ -6,7 +6,8 @@ Checks, each failure worded with the file, key and values involved:
   with its manifest row on pair id, task and instructions;
 - keys are unique across the whole corpus; no uncommitted tars or temporary files are left;
 - the ledger (when the run has one) accepts exactly the corpus's pairs into the shards that hold them, every
-  unit has one terminal state, every ended unit has a stage and a reason, and report.json's counts agree.
+  unit has one terminal state, every ended unit has a stage and a reason, and report.json's counts agree;
+- the ledger holds every planned unit and sample: its ids agree with each stage's completion record.
 """
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from manifests.fragments import COMPLETE_NAME, plan_record, read_completion, read_units
 from manifests.inspect import Run, list_shards, temp_files
-from manifests.schema import ACCEPTED, TERMINAL
+from manifests.ledger import ledger_plan
+from manifests.schema import ACCEPTED, STAGES, TERMINAL
 from manifests.shards import shard_summary
 
 
@@ -43,8 +46,9 @@ def validate(run: Run) -> tuple[list[str], dict]:
 
 
 def _check_ledger(run: Run, owner: dict[str, str], totals: Counter, problems: list[str]) -> dict:
-    ledger = pq.read_table(run.ledger_path, columns=["unit_id", "status", "stage", "reason", "shard"]).to_pylist()
-    where = run.ledger_path
+    table = pq.read_table(run.ledger_path, columns=["unit_id", "sample_id", "status", "stage", "reason", "shard"])
+    ledger, where = table.to_pylist(), run.ledger_path
+    problems += _check_plan(run, table)
     repeated = [u for u, n in Counter(r["unit_id"] for r in ledger).items() if n > 1]
     if repeated:
         problems.append(f"{where}: {len(repeated)} units have more than one row (first: {repeated[0]})")
@@ -71,6 +75,33 @@ def _check_ledger(run: Run, owner: dict[str, str], totals: Counter, problems: li
         problems += [f"{run.root / 'report.json'}: {name} is {said}, the run has {actual}"
                      for name, (said, actual) in claims.items() if said != actual]
     return dict(status)
+
+
+def _check_plan(run: Run, ledger: pa.Table) -> list[str]:
+    """The ledger against the stages' completion records (or, for a corpus copied without its stage outputs,
+    the copy of them the ledger was written with): one row for every planned unit and sample."""
+    stages_dir = run.root / "stages"
+    records = {s: r for s in STAGES[:-1] if (r := read_completion(stages_dir / s))}
+    origin = {s: stages_dir / s / COMPLETE_NAME for s in records}
+    if not records:
+        records = ledger_plan(run.ledger_path)
+        origin = {s: f"the plan recorded in {run.ledger_path.name}" for s in records}
+    if "score" not in records:
+        return [f"{run.ledger_path}: no completion record of stage 'score', so the ledger cannot be checked against "
+                "the plan (rerun the pipeline on this run dir: it records completion without recomputing)"]
+    have = plan_record(ledger)
+    problems = []
+    for stage, record in records.items():
+        for kind, column in (("samples", "sample_id"), ("units", "unit_id")):
+            if kind == "units" and stage == "source" or record[f"{kind}_sha"] == have[f"{kind}_sha"]:
+                continue  # source units are samples, fanned out into pairs later
+            fragments = read_units(stages_dir / stage, columns=sorted({"unit_id", column}))
+            planned = fragments.column(column).to_pylist() if column in fragments.column_names else []
+            missing = sorted(set(planned) - set(ledger.column(column).to_pylist()))
+            first = f"; missing: {len(missing)} (first: {missing[0]})" if missing else ""
+            problems.append(f"{run.ledger_path}: has {have[kind]} {kind}, stage {stage!r} completed "
+                            f"{record[kind]} ({origin[stage]}){first}")
+    return problems
 
 
 def _check_shard(run: Run, path: Path, owner: dict[str, str], problems: list[str]) -> dict:

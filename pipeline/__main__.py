@@ -4,8 +4,9 @@
     python -m pipeline run --recipe R --stage source --run-dir D                  # one stage (e.g. a Ray job)
     ray job submit --working-dir . -- python -m pipeline run --recipe R --stage edit --run-dir D
 
-Stages: source, instruct, edit, score, pack. Rerunning on the same run dir resumes: committed work is
-skipped, uncommitted leftovers are discarded.
+Stages: source, instruct, edit, score, pack; each per-stage job starts only once the previous stage has
+finished. Rerunning on the same run dir resumes: committed work is skipped, uncommitted leftovers are
+discarded. Ray: a fresh embedded cluster on 127.0.0.1 unless --address or RAY_ADDRESS names one to join.
 """
 from __future__ import annotations
 
@@ -23,15 +24,17 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--recipe", required=True, help="recipe YAML path or shipped recipe name")
     run.add_argument("--run-dir", required=True)
     run.add_argument("--stage", choices=STAGES, help="run only this stage (default: all, fused)")
-    run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or an embedded cluster)")
+    run.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS if set, else a fresh embedded "
+                                       "cluster on 127.0.0.1, whatever else runs on the machine)")
     args = parser.parse_args(argv)
 
     from pipeline.recipe import RecipeError
     from pipeline.run import run as run_pipeline
+    from pipeline.stage_state import StageNotReady
 
     try:
         run_pipeline(args.recipe, args.run_dir, args.stage, args.address)
-    except RecipeError as e:
+    except (RecipeError, StageNotReady) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -2,7 +2,8 @@
 
 The fused run streams source → instruct → edit → score through `map_batches` actor pools (backpressure,
 progress bars, actor restarts) and commits the last stage's rows as fragments. A per-stage job reads the
-previous stage's committed fragments and commits its own. Either way the pack stage reads `stages/score`.
+previous stage's committed fragments and commits its own, and starts only once that stage has recorded
+that it finished the whole plan. Either way the pack stage reads `stages/score`.
 """
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ from ray.data import ActorPoolStrategy
 from tqdm import tqdm
 
 from manifests.commit import discard_uncommitted
-from manifests.fragments import done_ids, list_fragments, read_units, write_fragment
+from manifests.fragments import done_ids, read_units, write_fragment
 from manifests.ledger import build_ledger
-from manifests.schema import COLUMNS, META_COLUMNS, STAGES
+from manifests.schema import COLUMNS, META_COLUMNS
 from manifests.shards import committed_shards, discard_orphan_tars
+from pipeline.stage_state import finish, previous_stage, stage_dir
 from stages.base import Resources, StageContext, StageGroup
 from stages.edit import EditStage
 from stages.instruct import InstructStage
@@ -29,10 +31,6 @@ from stages.source import SourceStage, plan_units
 
 STAGE_CLASSES = {"source": SourceStage, "instruct": InstructStage, "edit": EditStage, "score": ScoreStage}
 CHAIN = ("source", "instruct", "edit", "score")
-
-
-def stage_dir(run_dir: Path, stage: str) -> Path:
-    return Path(run_dir) / "stages" / stage
 
 
 def stage_config(recipe, stage: str):
@@ -81,7 +79,9 @@ def run_fused(recipe, ctx: StageContext, run_dir: Path) -> int:
         else:
             ds = apply_stage(ds, STAGE_CLASSES[stage], stage_config(recipe, stage), ctx,
                              getattr(recipe.resources, stage))
-    return sink(ds, out, recipe.commit_rows)
+    written = sink(ds, out, recipe.commit_rows)
+    finish(run_dir, "score")  # the chain ran to its end over the whole input
+    return written
 
 
 def load_fragment_rows(batch: pa.Table) -> pa.Table:
@@ -98,40 +98,31 @@ def run_stage(recipe, ctx: StageContext, run_dir: Path, stage: str) -> int:
     out = stage_dir(run_dir, stage)
     done = done_ids(out)
     if stage == "source":
-        return sink(source_dataset(recipe, ctx, done), out, recipe.commit_rows)
-    previous = stage_dir(run_dir, STAGES[STAGES.index(stage) - 1])
-    if not list_fragments(previous):
-        raise FileNotFoundError(f"stage {stage!r} needs the committed output of the previous stage in {previous}")
+        written = sink(source_dataset(recipe, ctx, done), out, recipe.commit_rows)
+        finish(run_dir, stage)
+        return written
+    previous = stage_dir(run_dir, previous_stage(stage))
     todo = read_units(previous, columns=["unit_id"])
     by_fragment: dict[str, list[str]] = {}
     for unit, frag in zip(todo.column("unit_id").to_pylist(), todo.column("_fragment").to_pylist()):
         if unit not in done:
             by_fragment.setdefault(str(previous / frag), []).append(unit)
-    if not by_fragment:
-        return 0
-    items = [{"path": p, "units": u} for p, u in sorted(by_fragment.items())]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(load_fragment_rows, batch_size=1, batch_format="pyarrow", num_cpus=0.25)
-    ds = apply_stage(ds, STAGE_CLASSES[stage], stage_config(recipe, stage), ctx, getattr(recipe.resources, stage))
-    return sink(ds, out, recipe.commit_rows)
-
-
-def _check_complete(previous: Path, rows: pa.Table) -> None:
-    """In per-stage runs, refuse to pack before the score stage has seen every unit the edit stage made."""
-    if not list_fragments(previous):
-        return  # a fused run: the chain ran to its end before packing
-    missing = set(read_units(previous, columns=["unit_id"]).column("unit_id").to_pylist())
-    missing -= set(rows.column("unit_id").to_pylist())
-    if missing:
-        raise RuntimeError(f"stage 'score' has not finished: {len(missing)} units of stage 'edit' are not scored "
-                           f"(e.g. {sorted(missing)[0]!r}); run --stage score first")
+    written = 0
+    if by_fragment:
+        items = [{"path": p, "units": u} for p, u in sorted(by_fragment.items())]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds = ds.map_batches(load_fragment_rows, batch_size=1, batch_format="pyarrow", num_cpus=0.25)
+        ds = apply_stage(ds, STAGE_CLASSES[stage], stage_config(recipe, stage), ctx,
+                         getattr(recipe.resources, stage))
+        written = sink(ds, out, recipe.commit_rows)
+    finish(run_dir, stage)
+    return written
 
 
 def run_pack(recipe, ctx: StageContext, run_dir: Path) -> tuple[pa.Table, list[dict]]:
     """Plan the shards, write the ones not yet committed, then the ledger's rows; returns (ledger, shards)."""
     rows_dir, out = stage_dir(run_dir, "score"), Path(run_dir) / "shards"
     rows = read_units(rows_dir, columns=list(META_COLUMNS))
-    _check_complete(stage_dir(run_dir, "edit"), rows)
     plans = plan_shards(rows, recipe.pack)
     out.mkdir(parents=True, exist_ok=True)
     discard_uncommitted(out)

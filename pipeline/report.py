@@ -14,7 +14,8 @@ from manifests.taxonomy import TASKS
 
 
 def build_report(recipe, ledger: pa.Table, shards: list[dict], covered: frozenset[str],
-                 weights: dict[str, float], walls: list[dict]) -> dict:
+                 targets: dict[str, float], weights: dict[str, float], walls: list[dict]) -> dict:
+    """`targets`: the accepted share the recipe asks for per task; `weights`: how often each is attempted."""
     status = Counter(ledger.column("status").to_pylist())
     accepted_tasks = Counter(t for t, s in zip(ledger.column("task").to_pylist(),
                                                ledger.column("status").to_pylist()) if s == ACCEPTED)
@@ -22,8 +23,9 @@ def build_report(recipe, ledger: pa.Table, shards: list[dict], covered: frozense
     total_weight = sum(weights.values()) or 1.0
     per_task = {t: {"accepted": accepted_tasks.get(t, 0),
                     "share": round(accepted_tasks.get(t, 0) / accepted, 4) if accepted else 0.0,
-                    "target_share": round(weights.get(t, 0.0) / total_weight, 4)}
-                for t in sorted(set(weights) | set(accepted_tasks))}
+                    "target_share": round(targets.get(t, 0.0), 4),
+                    "attempt_share": round(weights.get(t, 0.0) / total_weight, 4)}
+                for t in sorted(set(targets) | set(accepted_tasks))}
     busy = {s: round(sum(v for v in ledger.column(f"t_{s}").to_pylist() if v), 3)
             for s in ("source", "instruct", "edit", "score")}
     wall = round(sum(w["wall_s"] for w in walls), 3)
@@ -52,9 +54,13 @@ def render_markdown(report: dict) -> str:
         fail = ", ".join(f"{k} {v}" for k, v in f["failed"].items()) or "—"
         busy = report["busy_seconds_per_stage"].get(f["stage"], "")
         lines.append(f"| {f['stage']} | {f['in']} | {f['out']} | {rej} | {fail} | {busy} |")
-    lines += ["", "## Accepted pairs per task", "", "| task | accepted | share | target |", "|---|---|---|---|"]
+    lines += ["", "## Accepted pairs per task", "",
+              "Target: the share of accepted pairs the recipe asks for. Attempted: the share of candidate pairs "
+              "given to the task (target / expected yield).", "",
+              "| task | accepted | share | target | attempted |", "|---|---|---|---|---|"]
     for task, v in report["accepted_per_task"].items():
-        lines.append(f"| {task} | {v['accepted']} | {v['share']:.1%} | {v['target_share']:.1%} |")
+        lines.append(f"| {task} | {v['accepted']} | {v['share']:.1%} | {v['target_share']:.1%} "
+                     f"| {v['attempt_share']:.1%} |")
     lines += ["", "Tasks not covered by the configured editors: " + (", ".join(report["tasks_not_covered"]) or "none")]
     if report["input_warnings"]:
         lines += ["", "Input warnings: " + ", ".join(f"{k} {v}" for k, v in report["input_warnings"].items())]

@@ -12,9 +12,13 @@ from manifests.fragments import list_fragments
 from manifests.html_report import write_html_report
 from manifests.ledger import write_ledger
 from manifests.schema import STAGES
-from pipeline.recipe import Recipe, load_recipe
+from pipeline.cluster import connect
+from pipeline.recipe import Recipe, RecipeError, load_recipe, resolve_path
+from pipeline.report import build_report, write_report
+from pipeline.stage_state import check_ready, completion_records
 from stages.base import StageContext
-from stages.instruct import task_weights
+from stages.instruct import target_shares, task_weights
+from stages.source import plan_units
 from workers.classical_editor import ClassicalEditor
 
 RECIPE_FILE = "recipe.json"
@@ -51,16 +55,27 @@ def _log_invocation(run_dir: Path, what: str, wall: float) -> list[dict]:
     return walls
 
 
+def check_inputs(recipe: Recipe, recipe_spec: str) -> None:
+    """Plan the input before anything is created or started, so a wrong path is one line, not a traceback
+    after Ray has started and a half-made run dir."""
+    try:
+        plan_units(recipe.input)
+    except (ValueError, OSError) as e:
+        raise RecipeError(f"{resolve_path(recipe_spec)}: input.paths: {e}") from None
+
+
 def run(recipe_spec: str, run_dir: str, stage: str | None = None, address: str | None = None) -> dict | None:
     """The fused run (stage None) or one stage; returns the run report once the corpus is packed."""
-    from pipeline import engine  # Ray is imported only once a recipe has validated
-    from pipeline.cluster import connect
-    from pipeline.report import build_report, write_report
-
     recipe = load_recipe(recipe_spec)
     root = Path(run_dir).resolve()
+    if stage in (None, "source"):
+        check_inputs(recipe, recipe_spec)
+    else:
+        check_ready(root, stage, f"python -m pipeline run --recipe {recipe_spec} --stage {{stage}} --run-dir {root}")
     prepare_run_dir(recipe, root)
-    connect(address)
+    connect(address)  # before Ray is imported anywhere: an embedded cluster's settings are read at import
+    from pipeline import engine
+
     ctx = StageContext(seed=recipe.seed, recipe_hash=recipe.hash(), run_dir=str(root))
     start = time.perf_counter()
     if stage is None:
@@ -72,11 +87,11 @@ def run(recipe_spec: str, run_dir: str, stage: str | None = None, address: str |
         _log_invocation(root, stage, time.perf_counter() - start)
         return None
     ledger, shards = engine.run_pack(recipe, ctx, root)
-    write_ledger(root, ledger)
+    write_ledger(root, ledger, completion_records(root))
     walls = _log_invocation(root, stage or "fused", time.perf_counter() - start)
-    editor = ClassicalEditor()
-    report = build_report(recipe, ledger, shards, editor.covers(), task_weights(recipe.instruct, editor.covers()),
-                          walls)
+    covered = ClassicalEditor().covers()
+    report = build_report(recipe, ledger, shards, covered, target_shares(recipe.instruct, covered),
+                          task_weights(recipe.instruct, covered), walls)
     print(write_report(root, report))
     print(f"[x2edit] HTML report: {write_html_report(root)}")
     return report

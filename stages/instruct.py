@@ -49,12 +49,20 @@ class InstructConfig(Strict):
         return v
 
 
+def target_shares(cfg: InstructConfig, covered: frozenset[str]) -> dict[str, float]:
+    """The share of accepted pairs the recipe asks for, per covered task (what a report compares against)."""
+    mix = {t: w for t, w in (cfg.target_mix or dict.fromkeys(covered, 1.0)).items() if t in covered}
+    total = sum(mix.values())
+    if total <= 0:
+        raise ValueError(f"no task of the target mix {sorted(cfg.target_mix)} is covered by the editor "
+                         f"({sorted(covered)})")
+    return {t: w / total for t, w in mix.items()}
+
+
 def task_weights(cfg: InstructConfig, covered: frozenset[str]) -> dict[str, float]:
-    mix = cfg.target_mix or dict.fromkeys(covered, 1.0)
-    weights = {t: w / max(cfg.expected_yield.get(t, 1.0), 1e-3) for t, w in mix.items() if t in covered}
-    if not any(w > 0 for w in weights.values()):
-        raise ValueError(f"no task of the target mix {sorted(mix)} is covered by the editor ({sorted(covered)})")
-    return weights
+    """How often each task is attempted: its target share / expected yield, so tasks the policy often
+    rejects are tried more and the accepted mix comes out near the target."""
+    return {t: share / max(cfg.expected_yield.get(t, 1.0), 1e-3) for t, share in target_shares(cfg, covered).items()}
 
 
 def preference(sequence: list[str], position: int, k: int) -> list[str]:

@@ -14,10 +14,9 @@ from manifests.taxonomy import task_by_name
 from stages.base import Stage, decode_own, end_row
 
 
-
 class ScoreConfig(Strict):
     rules: list[Rule] = []  # applied to every task
-    per_task: dict[str, list[Rule]] = {}  # extra rules per task; a rule on the same score replaces
+    per_task: dict[str, list[Rule]] = {}  # extra rules per task; one sharing a score with a common rule replaces it
 
     @field_validator("per_task")
     @classmethod

@@ -122,14 +122,15 @@ class SourceStage(Stage):
 
     def _decode(self, row: dict, raw: RawSample, meta: dict) -> dict:
         cfg = self.source_cfg
-        image = decode_image(raw.image, max_pixels=cfg.max_pixels)
+        image = decode_image(raw.image, max_pixels=cfg.max_pixels, warnings=row["warnings"])
         h, w = image.shape[:2]
         row.update(width=w, height=h)
-        if min(h, w) < cfg.min_side:
-            return end_row(row, REJECTED, self.name, "too_small", f"{w}x{h}: short side < {cfg.min_side}")
+        # Aspect first: a larger copy of the image could cure too_small, nothing cures the aspect.
         if max(h, w) / min(h, w) > cfg.max_aspect:
             return end_row(row, REJECTED, self.name, "bad_aspect_ratio",
                            f"{w}x{h}: aspect {max(h, w) / min(h, w):.2f} > {cfg.max_aspect}")
+        if min(h, w) < cfg.min_side:
+            return end_row(row, REJECTED, self.name, "too_small", f"{w}x{h}: short side < {cfg.min_side}")
         score, origin = self._prefilter(image, meta)
         row["scores"] = json.dumps({"prefilter": score})
         row["source_meta"] = json.dumps({**meta, "prefilter_from": origin}, ensure_ascii=False, default=str)

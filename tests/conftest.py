@@ -17,6 +17,9 @@ import pytest
 os.environ["RAY_AUTH_MODE"] = "disabled"  # see environment.md: a token file breaks later job submits
 os.environ["HF_HUB_OFFLINE"] = "1"  # an accidental download fails at once instead of hanging
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+# The test cluster, its drivers and jobs listen on loopback only (see pipeline/cluster.py); set before any
+# Ray import, since Ray reads it into a constant.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -28,23 +31,41 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stop_cluster(marker: str) -> None:
-    """Kill this cluster's processes only (`ray stop` would kill every Ray cluster on the machine). Every
-    process of the cluster, agents included, inherits the marker variable from `ray start`'s environment."""
-    needle = marker.encode()
+def pytest_collection_modifyitems(items):
+    """A test on the session's Ray cluster is slow (the cluster alone takes seconds to start): marked here, so
+    `make test-fast` (-m "not slow") never starts one, however the test reaches the fixture."""
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
+def cluster_pids(marker: str) -> set[int]:
+    """This test cluster's processes: every one of them, agents included, inherits the marker variable from
+    `ray start`'s environment."""
+    needle, pids = marker.encode(), set()
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
         try:
             if needle in (proc / "environ").read_bytes():
-                os.kill(int(proc.name), signal.SIGKILL)
+                pids.add(int(proc.name))
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue  # the process ended while we looked
+    return pids
+
+
+def _stop_cluster(marker: str) -> None:
+    """Kill this cluster's processes only (`ray stop` would kill every Ray cluster on the machine)."""
+    for pid in cluster_pids(marker):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
 
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """Address and dashboard URL of a local head node; the test process is connected to it."""
+    """Address, dashboard URL and process marker of a local head node; the test process is connected to it."""
     marker = f"X2EDIT_TEST_CLUSTER=x2t-{os.getpid()}-{time.time_ns()}"
     ports = [_free_port() for _ in range(4)]
     temp_dir = tempfile.mkdtemp(prefix="x2t-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
@@ -60,7 +81,7 @@ def ray_cluster():
     from pipeline.cluster import connect
 
     connect(address)
-    yield {"address": address, "dashboard": f"http://127.0.0.1:{ports[1]}"}
+    yield {"address": address, "dashboard": f"http://127.0.0.1:{ports[1]}", "marker": marker.split("=")[1]}
     import ray
 
     ray.shutdown()

@@ -9,8 +9,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import webdataset as wds
 
+from manifests.fragments import plan_record, read_completion
 from manifests.ledger import read_ledger
-from manifests.shards import iter_shard, read_manifests
+from manifests.shards import decode_record, iter_shard, read_manifests
 
 
 def pairs(run_dir: Path, prefix: str) -> dict[str, tuple]:
@@ -32,6 +33,10 @@ def check_run(run_dir: Path, prefix: str) -> dict:
         if row["status"] != "accepted":
             assert row["stage"] and row["reason"], f"ended without a reason: {row['unit_id']}"
     accepted = {u for u, s in zip(units, status) if s == "accepted"}
+    plan = read_completion(run_dir / "stages" / "score")
+    assert plan is not None, "the score stage recorded no completion"
+    have = plan_record(ledger)
+    assert have == {k: plan[k] for k in have}, "the ledger does not hold exactly the planned units"
 
     manifest = read_manifests(run_dir / "shards", prefix)
     keys = manifest.column("pair_id").to_pylist()
@@ -47,9 +52,10 @@ def check_run(run_dir: Path, prefix: str) -> dict:
         for sample, row in zip(samples, rows):
             files = {f"{sample['__key__']}.{k}": v for k, v in sample.items() if k != "__key__"}
             assert sorted(files) == sorted(row["members"])
+            assert sorted(sample) == ["__key__", "edited.jpg", "json", "mask.png", "src.jpg"]  # one member set
             for name, digest in zip(row["members"], row["member_sha256"]):
                 assert hashlib.sha256(files[name]).hexdigest() == digest
-            record = json.loads(sample["json"])
+            record = decode_record(json.loads(sample["json"]))
             assert record["instruction_en"] and record["instruction_zh"] and "." not in sample["__key__"]
             assert record["provenance"]["edit"]["worker"] and record["provenance"]["recipe_hash"]
     # the webdataset library reads the corpus unchanged

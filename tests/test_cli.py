@@ -88,7 +88,7 @@ def test_stats_agree_with_the_pipeline_report(small_run, capsys):
 
 def test_show_writes_record_and_images(small_run, tmp_path, capsys):
     rows = manifest_rows(small_run)
-    pair = next(r for r in rows.values() if r["has_mask"])
+    pair = next(r for r in rows.values() if r["region_mask"])
     rc, out, _ = cli(capsys, "show", small_run, pair["pair_id"], "--out", tmp_path / "pair")
     record = json.loads(out)
     assert rc == 0 and record["decision"] == "accepted" and record["shard"] == pair["shard"]
@@ -225,6 +225,18 @@ def test_validate_accepts_the_run_and_pinpoints_corruption(small_run, tmp_path, 
     assert "report.json: accepted is 39, the run has 38" in problems
     assert "small-000009.tar: tar without manifest" in problems
 
+    # A rejected unit missing from the ledger: the shards still agree, the plan (stage completion) does not.
+    for name, stages in (("lacking", True), ("lacking-copied", False)):
+        lacking = tmp_path / name
+        shutil.copytree(small_run, lacking, ignore=None if stages else shutil.ignore_patterns("stages"))
+        table = pq.read_table(lacking / "ledger.parquet")
+        lost = next(r for r in table.to_pylist() if r["status"] == "rejected")["unit_id"]
+        pq.write_table(table.filter(pc.not_equal(table["unit_id"], lost)), lacking / "ledger.parquet")
+        origin = (f"({lacking / 'stages' / 'score' / 'COMPLETE.json'}); missing: 1 (first: {lost})" if stages
+                  else "(the plan recorded in ledger.parquet)")
+        assert (f"{lacking / 'ledger.parquet'}: has {table.num_rows - 1} units, stage 'score' completed "
+                f"{table.num_rows} {origin}") in _problems(lacking).splitlines()
+
 
 def test_report_is_self_contained_and_small(small_run, expected_gallery, tmp_path, capsys):
     rc, out, _ = cli(capsys, "report", small_run, "--out", tmp_path / "report.html")
@@ -245,32 +257,26 @@ def test_corpus_opens_in_common_readers(small_run, ray_cluster, tmp_path):
     import polars as pl
     import ray.data
     import webdataset as wds
-    from datasets import Features, Image, Json, Value, load_dataset
+    from datasets import load_dataset
 
     rows = manifest_rows(small_run)
     tars = sorted(str(p) for p in (small_run / "shards").glob("small-*.tar"))
     manifests = sorted(str(p) for p in (small_run / "shards").glob("small-*.parquet"))
-    masks = sum(r["has_mask"] for r in rows.values())
+    regions = sum(r["region_mask"] for r in rows.values())
 
     urls = str(small_run / "shards" / f"small-{{000000..{len(tars) - 1:06d}}}.tar")  # brace-expanded names
     samples = list(wds.WebDataset(urls, shardshuffle=False).decode("pil"))
     assert sorted(s["__key__"] for s in samples) == sorted(rows)
-    assert all(s["json"]["pair_id"] == s["__key__"] and s["src.jpg"].size for s in samples)
+    assert all(s["json"]["pair_id"] == s["__key__"] and s["src.jpg"].size == s["mask.png"].size for s in samples)
+    assert sum(s["json"]["mask"] == "region" for s in samples) == regions > 0
 
-    # The optional mask member and the open-ended JSON record need explicit features: inference looks at
-    # 5 samples only and requires the same members in each.
-    features = Features({"json": Json(), "src.jpg": Image(), "edited.jpg": Image(), "mask.png": Image(),
-                         "__key__": Value("string"), "__url__": Value("string")})
-    hf = load_dataset("webdataset", data_files={"train": tars}, split="train", features=features,
-                      cache_dir=str(tmp_path / "hf"))
-    assert sorted(hf["__key__"]) == sorted(rows) and sum(m is not None for m in hf["mask.png"]) == masks
+    # Every pair carries the same members, so both stock readers work with their default arguments.
+    hf = load_dataset("webdataset", data_files={"train": tars}, split="train", cache_dir=str(tmp_path / "hf"))
+    assert sorted(hf["__key__"]) == sorted(rows) and all(m is not None for m in hf["mask.png"])
     assert hf[0]["json"]["instruction_zh"] == rows[hf[0]["__key__"]]["instruction_zh"]
-
-    # Ray Data fills an absent optional member with None or NaN; undecoded bytes keep every column readable.
-    ray_rows = ray.data.read_webdataset(tars, decoder=None).take_all()
+    ray_rows = ray.data.read_webdataset(tars).take_all()
     assert sorted(r["__key__"] for r in ray_rows) == sorted(rows)
-    assert sum(isinstance(r["mask.png"], bytes) for r in ray_rows) == masks
-    assert json.loads(ray_rows[0]["json"])["pair_id"] == ray_rows[0]["__key__"]
+    assert all(r["mask.png"].shape[:2] == r["src.jpg"].shape[:2] for r in ray_rows)
 
     frame = pd.concat([pd.read_parquet(p) for p in manifests], ignore_index=True)
     assert sorted(frame["pair_id"]) == sorted(rows)
@@ -279,4 +285,4 @@ def test_corpus_opens_in_common_readers(small_run, ray_cluster, tmp_path):
                           "GROUP BY task").fetchall()
     assert dict(per_task) == {t: sum(r["task"] == t for r in rows.values()) for t in {r["task"] for r in rows.values()}}
     polars = pl.concat([pl.read_parquet(p) for p in manifests], how="diagonal_relaxed")
-    assert polars.height == len(rows) and polars.filter(pl.col("has_mask")).height == masks
+    assert polars.height == len(rows) and polars.filter(pl.col("region_mask")).height == regions

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import tracemalloc
 
+import cv2
 import numpy as np
 
 from filters.heuristics import edit_scores, image_scores, quality_score
@@ -62,6 +63,32 @@ def test_scores_rank_images_sensibly():
     scores = edit_scores(image, image, mask)
     assert scores["change_global"] == scores["change_inside"] == 0.0
     assert abs(scores["mask_area"] - mask.mean()) < 1e-9
+
+
+def _twice(image: np.ndarray) -> np.ndarray:
+    return cv2.resize(image, (image.shape[1] * 2, image.shape[0] * 2), interpolation=cv2.INTER_NEAREST)
+
+
+def _round_trip(image: np.ndarray) -> np.ndarray:
+    return decode_image(encode_jpeg(image), max_pixels=1 << 28)  # as the edit stage stores it
+
+
+def test_a_blurred_background_shows_as_lost_detail_not_as_changed_pixels():
+    image, mask = generate_scene(3)
+    blurred = np.where(mask[..., None], image, cv2.GaussianBlur(image, (0, 0), 8))
+    scores = edit_scores(image, _round_trip(blurred), mask)
+    assert scores["change_outside"] < 0.03 < 0.5 < scores["detail_change_outside"]
+    assert edit_scores(image, _round_trip(image), mask)["detail_change_outside"] < 0.03
+    # At twice the size the score is measured at the same analysis scale, so it stays put.
+    large = edit_scores(_twice(image), _twice(blurred), _twice(mask.astype(np.uint8)) > 0)
+    assert abs(large["detail_change_outside"] - edit_scores(image, blurred, mask)["detail_change_outside"]) < 0.005
+
+
+def test_a_flat_background_has_no_detail_to_lose():
+    image, mask = generate_scene(3)
+    flat = np.where(mask[..., None], image, 120).astype(np.uint8)
+    assert edit_scores(flat, flat, mask)["detail_change_outside"] == 0.0  # 0/0 without the floor
+    assert edit_scores(flat, _round_trip(flat), mask)["detail_change_outside"] < 0.03
 
 
 def test_a_decompression_bomb_is_rejected_without_allocating_it():

@@ -18,9 +18,10 @@ from PIL import Image
 from tests.badinputs import (FIXTURE_MAX_MEMBER_BYTES, FIXTURE_MAX_PIXELS, FOLDER_WARNINGS, TAR_WARNINGS, bad_images,
                        bomb_png, build_bad_folder, build_bad_tar, expected_by_sample_id, good_jpeg, odd_images,
                        outcome_of, raw_png)
-from manifests.images import (ImageRejected, decode_image, decode_mask, encode_jpeg, encode_mask, encode_png,
-                              sha256_hex)
+from manifests.images import (IMAGE_FORMATS, ImageRejected, decode_image, decode_mask, encode_jpeg, encode_mask,
+                              encode_png, sha256_hex)
 from manifests.inputs import InputUnit, RawSample, make_sample_id, plan_inputs, read_unit
+from manifests.raw_sample import IMAGE_EXTENSIONS
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]+-[0-9a-f]{10}$")
 
@@ -179,6 +180,61 @@ def test_folder_unit_with_missing_or_escaping_members(tmp_path: Path) -> None:
     samples = read_all([unit])
     assert [outcome_of(s) for s in samples] == ["ok", "read_error", "unsafe_path", "unsafe_path"]
     assert samples[0].caption == "" and samples[0].warnings[0].startswith("bad_sidecar: invalid JSON")
+
+
+def image_file(ext: str) -> bytes:
+    """A small image in the format Pillow writes for a file extension."""
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(good_jpeg(64, 48, 0))).save(buffer, format=Image.registered_extensions()[f".{ext}"])
+    return buffer.getvalue()
+
+
+def animated_gif(frames: int) -> bytes:
+    first = Image.open(io.BytesIO(good_jpeg(64, 48, 0)))
+    buffer = io.BytesIO()
+    first.save(buffer, format="GIF", save_all=True, append_images=[first.rotate(90 * i) for i in range(1, frames)])
+    return buffer.getvalue()
+
+
+def write_tar(path: Path, members: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_a_gif_is_read_from_tars_and_folders_and_decoded(tmp_path: Path) -> None:
+    gif = image_file("gif")
+    write_tar(tmp_path / "gifs.tar", {"photo.gif": gif, "photo.txt": b"a gif"})
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "photo.gif").write_bytes(gif)
+    [tar_unit] = plan_inputs("webdataset", [str(tmp_path / "gifs.tar")], 1)
+    [folder_unit] = plan_inputs("folder", [str(tmp_path / "images")], 1)
+    assert folder_unit.members == ("photo.gif",)
+    samples = read_all([tar_unit, folder_unit])
+    assert [outcome_of(s) for s in samples] == ["ok", "ok"] and samples[0].caption == "a gif"
+
+
+def test_every_extension_the_readers_take_decodes(tmp_path: Path) -> None:
+    """The readers and the decoder agree: each reader extension, written as Pillow writes it, is read from
+    a tar and from a folder and decodes; each extension names the very format the decoder opens it with."""
+    files = {f"img_{ext}.{ext}": image_file(ext) for ext in IMAGE_EXTENSIONS}
+    write_tar(tmp_path / "all.tar", files)
+    (tmp_path / "images").mkdir()
+    for name, data in files.items():
+        (tmp_path / "images" / name).write_bytes(data)
+    units = plan_inputs("webdataset", [str(tmp_path / "all.tar")], 1)
+    units += plan_inputs("folder", [str(tmp_path / "images")], len(files))
+    assert [outcome_of(s) for s in read_all(units)] == ["ok"] * 2 * len(files)
+    assert {ext: Image.registered_extensions()[f".{ext}"] for ext in IMAGE_FORMATS} == IMAGE_FORMATS
+
+
+def test_an_animated_gif_gives_its_first_frame_and_says_so() -> None:
+    first = decode_image(animated_gif(1), max_pixels=FIXTURE_MAX_PIXELS)
+    warnings: list[str] = []
+    assert (decode_image(animated_gif(3), max_pixels=FIXTURE_MAX_PIXELS, warnings=warnings) == first).all()
+    assert warnings == ["animated_image: a GIF with several frames; the first is used"]
 
 
 # ---------------------------------------------------------------------------------------- ids and plans

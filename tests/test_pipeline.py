@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from manifests.inputs import make_sample_id
@@ -134,3 +135,41 @@ def test_stages_as_separate_ray_jobs_give_the_fused_corpus(reference, ray_cluste
     # byte-identical shards: the pack plan and the tar writer are deterministic
     for tar in sorted((reference["dir"] / "shards").glob("*.tar")):
         assert (run_dir / "shards" / tar.name).read_bytes() == tar.read_bytes()
+
+
+def test_a_stage_refuses_to_start_before_its_predecessor_finished_the_plan(reference, ray_cluster, tmp_path):
+    """The README's per-stage loop after a job that died: the next stage must not go ahead on what the dead
+    one committed, or the corpus's ledger silently lacks the units it never reached."""
+    from manifests.fragments import COMPLETE_NAME, read_units
+    from manifests.ledger import read_ledger
+    from pipeline.stage_state import StageNotReady
+
+    run_dir = tmp_path / "run"
+    address = ray_cluster["address"]
+    with pytest.raises(StageNotReady, match=r"stage 'instruct' cannot start: stage 'source' has not finished"):
+        run(RECIPE, str(run_dir), "instruct", address)
+    for stage in ("source", "instruct"):
+        run(RECIPE, str(run_dir), stage, address)
+    instruct = run_dir / "stages" / "instruct"
+    # What a killed instruct job leaves: some fragments, no completion record.
+    (instruct / COMPLETE_NAME).unlink()
+    lost = sorted(instruct.glob("frag-*.parquet"))[0]
+    lost_samples = set(pq.read_table(lost, columns=["sample_id"]).column("sample_id").to_pylist())
+    lost.unlink()  # a sample with a pair in it is unfinished, even if its other pairs are in other fragments
+    with pytest.raises(StageNotReady) as refused:
+        run(RECIPE, str(run_dir), "edit", address)
+    total = read_units(run_dir / "stages" / "source").num_rows
+    assert (f"stage 'edit' cannot start: stage 'instruct' has not finished ({len(lost_samples)} of the {total} "
+            "units of stage 'source' are not committed by it); run first: python -m pipeline run --recipe "
+            f"{RECIPE} --stage instruct --run-dir {run_dir}") == str(refused.value)
+    assert not (run_dir / "stages" / "edit").exists()
+    with pytest.raises(StageNotReady, match="stage 'pack' cannot start: stage 'score' has not finished"):
+        run(RECIPE, str(run_dir), "pack", address)
+
+    for stage in ("instruct", "edit", "score", "pack"):  # rerunning the stage that died completes the plan
+        run(RECIPE, str(run_dir), stage, address)
+    check_run(run_dir, PREFIX)
+    ledger = read_ledger(run_dir)
+    assert sorted(ledger.column("unit_id").to_pylist()) == sorted(read_units(instruct).column("unit_id").to_pylist())
+    assert lost_samples <= set(ledger.column("sample_id").to_pylist())
+    assert pairs(run_dir, PREFIX) == reference["pairs"]

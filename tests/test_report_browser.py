@@ -14,7 +14,8 @@ from manifests.html_report import write_html_report
 pytest_plugins = ["tests.conftest_cli"]
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 BROWSER = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
-pytestmark = pytest.mark.skipif(BROWSER is None, reason="needs Chromium (Debian: apt-get install -y chromium)")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(BROWSER is None, reason="needs Chromium (Debian: apt-get install -y chromium)")]
 
 
 def chromium(url: str, profile: Path, *args: str) -> str:
