@@ -1,7 +1,7 @@
 """Safe image decoding and deterministic encoding.
 
 `decode_image` is the one place where untrusted image bytes meet a decoder. It must never crash a worker:
-every failure becomes an `ImageRejected` with a short reason code that ends up in the rejection ledger.
+every failure becomes an `Rejected` with a short reason code that ends up in the rejection ledger.
 Pillow's global state (MAX_IMAGE_PIXELS, LOAD_TRUNCATED_IMAGES) is left untouched: our own pixel limit is
 checked from the header before decoding; Pillow's own bomb guard stays on as a second check and its
 error maps to the same reason code.
@@ -15,6 +15,8 @@ import zlib
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from manifests.rejected import Rejected
 
 # The image files the corpus reads: extension -> the only Pillow decoder tried on it. The one list the input
 # readers (tar members, folder files) and the decoder share, so neither accepts what the other drops; in the
@@ -32,56 +34,47 @@ _RGB_CONVERTIBLE = frozenset({"1", "L", "P", "RGB", "RGBX", "RGBA", "LA", "PA", 
 _HIGH_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
 
 
-class ImageRejected(Exception):
-    """An image that cannot be used; `reason` is a stable snake_case code for the ledger."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.message = message
-
-
 def decode_image(data: bytes, *, max_pixels: int, warnings: list[str] | None = None) -> np.ndarray:
     """Decode to a writable RGB uint8 array (H, W, 3), EXIF orientation applied, alpha composited on white.
 
     An animated image (GIF, WebP, multi-page TIFF) gives its first frame, with a warning appended to
     `warnings` when given."""
     if not data:
-        raise ImageRejected("empty_file", "zero bytes")
+        raise Rejected("empty_file", "zero bytes")
     try:
         with Image.open(io.BytesIO(data), formats=_ALLOWED_FORMATS) as im:
             width, height = im.size  # from the header only: nothing is decoded yet
             if width * height > max_pixels:
-                raise ImageRejected("too_many_pixels", f"{width}x{height} exceeds max_pixels={max_pixels}")
+                raise Rejected("too_many_pixels", f"{width}x{height} exceeds max_pixels={max_pixels}")
             if im.mode not in _RGB_CONVERTIBLE and im.mode not in _HIGH_BIT:
-                raise ImageRejected("unsupported_mode", f"mode {im.mode!r} ({im.format})")
+                raise Rejected("unsupported_mode", f"mode {im.mode!r} ({im.format})")
             im.load()
             ImageOps.exif_transpose(im, in_place=True)
             image = _to_rgb(im)
             if warnings is not None and _has_more_frames(im):
                 warnings.append(f"animated_image: a {im.format} with several frames; the first is used")
             return image
-    except ImageRejected:
+    except Rejected:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # Pillow's own guard (MAX_IMAGE_PIXELS) fired before our header check could run.
-        raise ImageRejected("too_many_pixels", f"Pillow bomb guard: {exc}") from exc
+        raise Rejected("too_many_pixels", f"Pillow bomb guard: {exc}") from exc
     except UnidentifiedImageError as exc:
-        raise ImageRejected("not_an_image", f"not a {'/'.join(_ALLOWED_FORMATS)} image") from exc
+        raise Rejected("not_an_image", f"not a {'/'.join(_ALLOWED_FORMATS)} image") from exc
     except EOFError as exc:
-        raise ImageRejected("truncated_image", f"unexpected end of data: {exc}") from exc
+        raise Rejected("truncated_image", f"unexpected end of data: {exc}") from exc
     except OSError as exc:
         # Pillow reports short data as OSError("image file is truncated ..." / "Truncated File Read")
         # and every other decoder failure (bad zlib stream, broken tile) as a plain OSError too.
         reason = "truncated_image" if "truncated" in str(exc).lower() else "decode_error"
-        raise ImageRejected(reason, str(exc)) from exc
+        raise Rejected(reason, str(exc)) from exc
     except (SyntaxError, ValueError, struct.error, zlib.error, IndexError) as exc:
         # What Pillow's plugins raise on malformed headers, chunks and EXIF blocks.
-        raise ImageRejected("decode_error", f"{type(exc).__name__}: {exc}") from exc
+        raise Rejected("decode_error", f"{type(exc).__name__}: {exc}") from exc
     except MemoryError:
         raise  # an exhausted worker is not a property of the image
     except Exception as exc:  # noqa: BLE001 - hostile bytes reach deep into C decoders; keep the class name
-        raise ImageRejected("decode_error", f"unexpected {type(exc).__name__}: {exc}") from exc
+        raise Rejected("decode_error", f"unexpected {type(exc).__name__}: {exc}") from exc
 
 
 def _has_more_frames(im: Image.Image) -> bool:

@@ -14,8 +14,9 @@ from collections.abc import Iterator
 
 from braceexpand import braceexpand
 
-from manifests.raw_sample import (IMAGE_SUFFIXES, InputUnit, RawSample, Unusable, build_sample, display_name,
+from manifests.raw_sample import (IMAGE_SUFFIXES, InputUnit, RawSample, build_sample, display_name,
                                   make_sample_id)
+from manifests.rejected import Rejected
 from manifests.tar_reader import read_tar
 
 __all__ = ["InputUnit", "RawSample", "make_sample_id", "plan_inputs", "read_unit"]
@@ -92,7 +93,7 @@ def _read_folder(unit: InputUnit, max_bytes: int) -> Iterator[RawSample]:
         image, error = None, None
         try:
             image = _read_folder_file(unit.uri, root_real, rel, max_bytes)
-        except Unusable as exc:
+        except Rejected as exc:
             error = (exc.reason, exc.message)
         sidecars: dict[str, bytes] = {}
         for ext in ("json", "txt"):
@@ -100,7 +101,7 @@ def _read_folder(unit: InputUnit, max_bytes: int) -> Iterator[RawSample]:
             try:
                 if (data := _read_folder_file(unit.uri, root_real, sidecar, max_bytes, missing_ok=True)) is not None:
                     sidecars[ext] = data
-            except Unusable as exc:
+            except Rejected as exc:
                 warnings.append(f"bad_sidecar: {sidecar!r}: {exc.reason}: {exc.message}")
         # The id key is the path with its extension: a.jpg and a.png are two distinct samples.
         yield build_sample(make_sample_id(unit.uri, rel), posixpath.join(unit.uri, display_name(rel)), ordinal,
@@ -114,17 +115,17 @@ def _read_folder_file(root: str, root_real: str, rel: str, max_bytes: int,
         return None
     real = os.path.realpath(path)
     if os.path.isabs(rel) or ".." in rel.split("/") or os.path.commonpath([root_real, real]) != root_real:
-        raise Unusable("unsafe_path", f"{rel!r} resolves outside the input folder")
+        raise Rejected("unsafe_path", f"{rel!r} resolves outside the input folder")
     try:
         # O_NONBLOCK: opening a FIFO must not hang the reader; O_NOFOLLOW: no link swapped in since realpath.
         fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
         with open(fd, "rb") as file:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
-                raise Unusable("not_a_regular_file", f"{rel!r} is not a regular file")
+                raise Rejected("not_a_regular_file", f"{rel!r} is not a regular file")
             data = file.read(max_bytes + 1)  # +1: notices a file that grew past the limit after fstat
     except OSError as exc:
-        raise Unusable("read_error", f"{rel!r}: {exc.strerror or exc}") from exc
+        raise Rejected("read_error", f"{rel!r}: {exc.strerror or exc}") from exc
     if len(data) > max_bytes:
-        raise Unusable("member_too_large", f"{rel!r} has more than {max_bytes} bytes")
+        raise Rejected("member_too_large", f"{rel!r} has more than {max_bytes} bytes")
     return data

@@ -13,11 +13,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from manifests.commit import atomic_write_parquet
-from manifests.schema import ACCEPTED, LIVE
+from manifests.schema import ACCEPTED, LIVE, ROW_STAGES
 
 LEDGER_COLUMNS = ("unit_id", "sample_id", "pair_id", "status", "stage", "reason", "message", "warnings",
                   "source_uri", "task", "op", "editor", "instruction_en", "scores", "thresholds",
-                  "t_source", "t_instruct", "t_edit", "t_score")
+                  *(f"t_{stage}" for stage in ROW_STAGES))
 LEDGER_NAME = "ledger.parquet"
 PLAN_KEY = b"x2edit_plan"
 

@@ -43,13 +43,6 @@ class RawSample:
     warnings: list[str] = field(default_factory=list)
 
 
-class Unusable(Exception):
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.message = message
-
-
 def make_sample_id(namespace: str, key: str) -> str:
     """Readable, dot-free (it becomes a WebDataset __key__) and unique through the hash of the exact strings."""
     stem = posixpath.basename(namespace.rstrip("/")).split(".")[0]

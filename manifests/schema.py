@@ -14,8 +14,9 @@ import pyarrow as pa
 LIVE, ACCEPTED, REJECTED, FAILED = "live", "accepted", "rejected", "failed"
 TERMINAL = (ACCEPTED, REJECTED, FAILED)
 
-# Stage order of the pipeline; a row's `stage` column names the stage that ended it.
+# Stage order of the pipeline, the one list of it; a row's `stage` column names the stage that ended it.
 STAGES = ("source", "instruct", "edit", "score", "pack")
+ROW_STAGES = STAGES[:-1]  # the stages that process rows (and time them); pack writes the rows into shards
 
 ROW_SCHEMA = pa.schema([
     # identity and fan-out bookkeeping (see manifests.fragments for how resume uses them)
@@ -54,10 +55,7 @@ ROW_SCHEMA = pa.schema([
     ("thresholds", pa.string()),  # JSON of the policy rules applied
     ("thumb", pa.binary()),  # small JPEG of src | edited, kept when a row ends after its images exist
     # seconds each stage spent on this row (batch time / batch rows)
-    ("t_source", pa.float64()),
-    ("t_instruct", pa.float64()),
-    ("t_edit", pa.float64()),
-    ("t_score", pa.float64()),
+    *[(f"t_{stage}", pa.float64()) for stage in ROW_STAGES],
 ])
 COLUMNS = tuple(ROW_SCHEMA.names)
 HEAVY_COLUMNS = ("src", "edited", "mask")  # dropped when a row ends

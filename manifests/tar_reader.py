@@ -12,8 +12,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from manifests.raw_sample import (IMAGE_EXTENSIONS, RawSample, Unusable, build_sample, display_name,
+from manifests.raw_sample import (IMAGE_EXTENSIONS, RawSample, build_sample, display_name,
                                   make_sample_id, occurrence_key)
+from manifests.rejected import Rejected
 
 TAR_UNIT_KEY = "__tar__"  # key of the one record that reports a corrupt or unreadable tar
 KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext: split at the basename's first dot
@@ -112,18 +113,18 @@ def _add_member(tar: tarfile.TarFile, member: tarfile.TarInfo, ext: str, group: 
                 return
         try:
             group.image, group.image_name, group.image_rank = _read_member(tar, member, max_bytes), name, rank
-        except Unusable as exc:
+        except Rejected as exc:
             group.error = (exc.reason, exc.message)
     elif ext in ("json", "txt"):
         try:
             group.sidecars[ext] = _read_member(tar, member, max_bytes)
-        except Unusable as exc:
+        except Rejected as exc:
             group.warnings.append(f"bad_sidecar: {exc.message}")
 
 
 def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, max_bytes: int) -> bytes:
     if member.size > max_bytes:  # decided from the header: the data is never loaded
-        raise Unusable("member_too_large", f"member {member.name!r} has {member.size} bytes > {max_bytes}")
+        raise Rejected("member_too_large", f"member {member.name!r} has {member.size} bytes > {max_bytes}")
     extracted = tar.extractfile(member)
     assert extracted is not None  # regular files always extract
     return extracted.read()

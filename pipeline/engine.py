@@ -19,7 +19,7 @@ from tqdm import tqdm
 from manifests.commit import discard_uncommitted
 from manifests.fragments import done_ids, read_units, write_fragment
 from manifests.ledger import build_ledger
-from manifests.schema import COLUMNS, META_COLUMNS
+from manifests.schema import COLUMNS, META_COLUMNS, ROW_STAGES
 from manifests.shards import committed_shards, discard_orphan_tars
 from pipeline.stage_state import finish, previous_stage, stage_dir
 from stages.base import Resources, StageContext, StageGroup
@@ -29,12 +29,14 @@ from stages.pack import PackStage, plan_shards
 from stages.score import ScoreStage
 from stages.source import SourceStage, plan_units
 
-STAGE_CLASSES = {"source": SourceStage, "instruct": InstructStage, "edit": EditStage, "score": ScoreStage}
-CHAIN = ("source", "instruct", "edit", "score")
+STAGE_CLASSES = {cls.name: cls for cls in (SourceStage, InstructStage, EditStage, ScoreStage)}
+assert tuple(STAGE_CLASSES) == ROW_STAGES
 
 
 def stage_config(recipe, stage: str):
-    return (recipe.input, recipe.source) if stage == "source" else getattr(recipe, stage)
+    """The config a stage is built with: its own block, with the block it also reads."""
+    joint = {"source": ("input", "source"), "instruct": ("instruct", "edit")}  # instruct routes to editors
+    return tuple(getattr(recipe, block) for block in joint[stage]) if stage in joint else getattr(recipe, stage)
 
 
 def apply_stage(ds: ray.data.Dataset, cls, cfg, ctx: StageContext, res: Resources, **kwargs) -> ray.data.Dataset:
@@ -70,7 +72,7 @@ def run_fused(recipe, ctx: StageContext, run_dir: Path) -> int:
     out = stage_dir(run_dir, "score")
     ds = source_dataset(recipe, ctx, done_ids(out))
     together = recipe.resources.colocate
-    for stage in CHAIN[1:]:
+    for stage in ROW_STAGES[1:]:
         if stage in together[1:]:
             continue  # runs inside the group of together[0]
         if stage in together:

@@ -12,6 +12,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from manifests.config import Strict
+from manifests.schema import ROW_STAGES, STAGES
 from stages.base import Resources
 from stages.edit import EditConfig
 from stages.instruct import InstructConfig
@@ -22,7 +23,7 @@ from stages.source import InputConfig, SourceConfig
 BUILTIN_DIR = Path(__file__).parent / "recipes"
 
 
-COLOCATABLE = ("instruct", "edit", "score")
+COLOCATABLE = ROW_STAGES[1:]  # the source stage streams from read units, the others map batches
 
 
 class StageResources(Strict):
@@ -41,6 +42,9 @@ class StageResources(Strict):
                   or list(v) != list(COLOCATABLE[COLOCATABLE.index(v[0]):COLOCATABLE.index(v[0]) + len(v)])):
             raise ValueError(f"colocate takes two or more consecutive stages of {list(COLOCATABLE)}, got {v}")
         return v
+
+
+assert tuple(StageResources.model_fields)[:-1] == STAGES, "one Resources field per stage, in order"
 
 
 class Recipe(Strict):

@@ -9,7 +9,7 @@ import pyarrow as pa
 
 from manifests.commit import atomic_write_bytes
 from manifests.inspect import funnel
-from manifests.schema import ACCEPTED
+from manifests.schema import ACCEPTED, ROW_STAGES
 from manifests.taxonomy import TASKS
 
 
@@ -27,7 +27,7 @@ def build_report(recipe, ledger: pa.Table, shards: list[dict], covered: frozense
                     "attempt_share": round(weights.get(t, 0.0) / total_weight, 4)}
                 for t in sorted(set(targets) | set(accepted_tasks))}
     busy = {s: round(sum(v for v in ledger.column(f"t_{s}").to_pylist() if v), 3)
-            for s in ("source", "instruct", "edit", "score")}
+            for s in ROW_STAGES}
     wall = round(sum(w["wall_s"] for w in walls), 3)
     warnings = Counter(w.split(":", 1)[0] for ws in ledger.column("warnings").to_pylist() for w in (ws or []))
     return {

@@ -19,7 +19,6 @@ from pipeline.stage_state import check_ready, completion_records
 from stages.base import StageContext
 from stages.instruct import target_shares, task_weights
 from stages.source import plan_units
-from workers.classical_editor import ClassicalEditor
 
 RECIPE_FILE = "recipe.json"
 WALLS_FILE = "invocations.json"
@@ -89,7 +88,7 @@ def run(recipe_spec: str, run_dir: str, stage: str | None = None, address: str |
     ledger, shards = engine.run_pack(recipe, ctx, root)
     write_ledger(root, ledger, completion_records(root))
     walls = _log_invocation(root, stage or "fused", time.perf_counter() - start)
-    covered = ClassicalEditor().covers()
+    covered = frozenset(recipe.edit.routes())
     report = build_report(recipe, ledger, shards, covered, target_shares(recipe.instruct, covered),
                           task_weights(recipe.instruct, covered), walls)
     print(write_report(root, report))

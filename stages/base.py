@@ -3,7 +3,8 @@
 A stage is a Ray actor class: `__init__` builds its workers once per actor, `__call__(batch)` takes a
 pyarrow batch of rows (manifests.schema.ROW_SCHEMA) and returns the batch for the next stage. Rows another
 stage ended pass through untouched; rows this stage ends leave with their reason and without their images.
-A worker exception on one row fails that row (error class and message in the ledger), never the batch.
+A worker exception on one row fails that row (error class and message in the ledger), never the batch; a
+`Rejected` raised for a row ends it as rejected with its reason code.
 The columns a stage requires and adds are checked on every batch, so a renamed column fails loudly.
 """
 from __future__ import annotations
@@ -19,7 +20,8 @@ from pydantic import Field, model_validator
 
 from manifests.config import Strict
 from manifests.images import contact_thumb, decode_image
-from manifests.schema import FAILED, HEAVY_COLUMNS, LIVE, ROW_SCHEMA
+from manifests.rejected import Rejected
+from manifests.schema import FAILED, HEAVY_COLUMNS, LIVE, REJECTED, ROW_SCHEMA
 
 
 class Resources(Strict):
@@ -87,6 +89,8 @@ class Stage:
         for row in rows:
             try:
                 out.extend(self.process_row(row))
+            except Rejected as e:  # a gate or an unusable output: a reason code, not an error
+                out.append(end_row(row, REJECTED, self.name, e.reason, e.message))
             except Exception as e:  # recorded in the ledger; the batch and the run go on
                 out.append(self.fail(row, e))
         return out

@@ -1,17 +1,18 @@
-"""Instruct stage: choose tasks for each source sample from the recipe's target mix and write bilingual
-instructions for them. One source sample becomes up to `tasks_per_source` candidate pairs.
+"""Instruct stage: choose tasks for each source sample from the recipe's target mix, route each to one of
+the editors the recipe gives that task, and write bilingual instructions for that editor. One source sample
+becomes up to `tasks_per_source` candidate pairs. The tasks drawn are those the edit routes cover.
 
 Balancing is deterministic so that a killed and restarted run makes exactly the same pairs: the tasks'
 weights (target share / expected yield, so tasks that are often rejected are tried more) define a smooth
 weighted round-robin sequence, and a sample at input position p takes its preference order from the
 sequence starting at p·k. Any run of consecutive samples therefore follows the target mix, and a task a
 sample cannot do (no subject for a removal, a grey subject for a recolour) passes to the next task in line.
+A task's editor is a weighted draw seeded by the sample and the task (stages/edit.py `editor_order`); when
+the drawn editor cannot make the pair, the task's next editor is asked. The editor is part of the pair id.
 """
 from __future__ import annotations
 
 import json
-from typing import Literal
-
 import numpy as np
 from pydantic import Field, field_validator
 
@@ -21,8 +22,11 @@ from manifests.mix import smooth_wrr
 from manifests.schema import REJECTED, make_pair_id, stable_seed
 from manifests.taxonomy import task_by_name
 from stages.base import Stage, decode_own, end_row
-from workers.classical_editor import ClassicalEditor
+from stages.edit import EditConfig, editor_order
+from workers.base import Instructor
 from workers.rule_instructor import RuleInstructor
+
+INSTRUCTORS: dict[str, type[Instructor]] = {cls.name: cls for cls in (RuleInstructor,)}
 
 SEQUENCE_LENGTH = 1009  # prime, so positions p·k wrap around the whole sequence
 
@@ -33,11 +37,18 @@ class SubjectGate(Strict):
 
 
 class InstructConfig(Strict):
-    backend: Literal["rule_based"] = "rule_based"
+    backend: str = "rule_based"  # a name in INSTRUCTORS
     tasks_per_source: int = Field(3, ge=1, le=15)
     target_mix: dict[str, float] = {}  # task → weight; empty = equal over the tasks the editor covers
     expected_yield: dict[str, float] = {}  # task → expected acceptance rate in (0, 1]
     subject: SubjectGate = SubjectGate()
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, v: str):
+        if v not in INSTRUCTORS:
+            raise ValueError(f"unknown instruction backend {v!r}; known: {sorted(INSTRUCTORS)}")
+        return v
 
     @field_validator("target_mix", "expected_yield")
     @classmethod
@@ -79,22 +90,31 @@ def preference(sequence: list[str], position: int, k: int) -> list[str]:
 class InstructStage(Stage):
     name = "instruct"
     requires = ("src", "position")
-    adds = ("pair_id", "task", "task_id", "op", "params", "instruction_en", "instruction_zh", "seed")
+    adds = ("pair_id", "task", "task_id", "op", "params", "instruction_en", "instruction_zh", "seed", "editor")
 
-    def __init__(self, cfg: InstructConfig, ctx):
+    def __init__(self, cfg: tuple[InstructConfig, EditConfig], ctx):
         super().__init__(cfg, ctx)
-        self.editor_name = ClassicalEditor.name
-        self.sequence = smooth_wrr(task_weights(cfg, ClassicalEditor().covers()), SEQUENCE_LENGTH)
-        self.worker = RuleInstructor(cfg.subject.min_area, cfg.subject.max_area)
+        self.instruct_cfg, edit_cfg = cfg
+        self.routes, self.editors = edit_cfg.routes(), edit_cfg.build()
+        self.sequence = smooth_wrr(task_weights(self.instruct_cfg, frozenset(self.routes)), SEQUENCE_LENGTH)
+        gate = self.instruct_cfg.subject
+        self.worker = INSTRUCTORS[self.instruct_cfg.backend](gate.min_area, gate.max_area)
 
     def process_row(self, row: dict) -> list[dict]:
         image = decode_own(row["src"])
         subject = self.worker.analyze(image)
-        k = self.cfg.tasks_per_source
+        k = self.instruct_cfg.tasks_per_source
         sample_seed = stable_seed(self.ctx.seed, row["sample_id"])
-        proposals = self.worker.propose(
-            subject, preference(self.sequence, row["position"], k), k,
-            lambda task: np.random.default_rng(stable_seed(sample_seed, task)))
+        proposals = []
+        for task in preference(self.sequence, row["position"], k):
+            if len(proposals) == k:
+                break
+            rng = np.random.default_rng(stable_seed(sample_seed, task))
+            order = editor_order(self.routes[task], np.random.default_rng(stable_seed(sample_seed, task, "editor")))
+            for name in order:
+                if (p := self.worker.propose(task, self.editors[name], image, subject, rng)) is not None:
+                    proposals.append((name, p))
+                    break
         if not proposals:
             return [end_row(row, REJECTED, self.name, "no_eligible_task",
                             "no configured editor can do any task of the target mix on this image")]
@@ -103,14 +123,15 @@ class InstructStage(Stage):
              "bbox": list(subject.bbox), "saturation": round(subject.saturation, 4)})
         subject_mask = None if subject is None else encode_mask(subject.mask)
         out = []
-        for p in proposals:
+        for name, p in proposals:
             seed = stable_seed(sample_seed, p.task, p.op)
-            pair_id = make_pair_id(row["sample_id"], p.task, seed, f"{self.editor_name}:{p.op}")
+            editor = f"{name}:{p.op}"
+            pair_id = make_pair_id(row["sample_id"], p.task, seed, editor)
             task = task_by_name(p.task)
             out.append({**row, "unit_id": pair_id, "pair_id": pair_id, "fanout": len(proposals),
                         "task": task.name, "task_id": task.id, "op": p.op, "params": json.dumps(p.params),
                         "instruction_en": p.instruction_en, "instruction_zh": p.instruction_zh,
-                        "seed": seed, "subject": subject_json, "mask": subject_mask,
+                        "seed": seed, "subject": subject_json, "mask": subject_mask, "editor": editor,
                         "provenance": json.dumps({"instruct": {"worker": self.worker.name,
                                                                "version": self.worker.version}})})
         return out

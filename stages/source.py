@@ -16,8 +16,9 @@ from pydantic import Field, model_validator
 
 from filters.heuristics import quality_score
 from manifests.config import Strict
-from manifests.images import ImageRejected, decode_image, encode_jpeg
+from manifests.images import decode_image, encode_jpeg
 from manifests.inputs import InputUnit, RawSample, make_sample_id, plan_inputs, read_unit
+from manifests.rejected import Rejected
 from manifests.schema import LIVE, REJECTED, empty_row
 from stages.base import Stage, end_row, to_table
 from workers import sample_images
@@ -115,7 +116,7 @@ class SourceStage(Stage):
             return end_row(row, REJECTED, self.name, raw.error[0], raw.error[1])
         try:
             return self._decode(row, raw, meta)
-        except ImageRejected as e:
+        except Rejected as e:
             return end_row(row, REJECTED, self.name, e.reason, e.message)
         except Exception as e:  # a bug or an unforeseen input: the sample fails, the run goes on
             return self.fail(row, e)

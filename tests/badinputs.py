@@ -1,7 +1,7 @@
 """Hostile-input fixtures: an img2dataset-style tar and an image folder mixing good and bad samples.
 
 `build_bad_tar` / `build_bad_folder` return {label: expected outcome}, where the outcome is "ok" or the
-reason code that reading (RawSample.error) or decoding (ImageRejected.reason) must give. Labels are the ids'
+reason code that reading (RawSample.error) or decoding (Rejected.reason) must give. Labels are the ids'
 keys: `make_sample_id(unit.uri, label)` is the sample's id (`expected_by_sample_id` does this), so a test
 can match results by sample_id. For tars the label is the member key ("KEY.N" for the N-th repeat of a
 key), for folders the file path relative to the folder. TAR_WARNINGS / FOLDER_WARNINGS give the warning
@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from manifests.images import ImageRejected, decode_image
+from manifests.images import decode_image
 from manifests.inputs import RawSample, make_sample_id
+from manifests.rejected import Rejected
 
 FIXTURE_MAX_PIXELS = 40_000_000
 FIXTURE_MAX_MEMBER_BYTES = 300_000
@@ -222,6 +223,6 @@ def outcome_of(sample: RawSample, max_pixels: int = FIXTURE_MAX_PIXELS) -> str:
     assert sample.image is not None
     try:
         decode_image(sample.image, max_pixels=max_pixels)
-    except ImageRejected as exc:
+    except Rejected as exc:
         return exc.reason
     return "ok"

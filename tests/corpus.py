@@ -6,12 +6,23 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import webdataset as wds
 
 from manifests.fragments import plan_record, read_completion
+from manifests.images import encode_jpeg
 from manifests.ledger import read_ledger
+from manifests.schema import LIVE, empty_row
 from manifests.shards import decode_record, iter_shard, read_manifests
+
+
+def source_row(image: np.ndarray, position: int) -> dict:
+    """A live row as the source stage hands it on (sample s<position>), for tests of the later stages."""
+    row = empty_row()
+    row.update(unit_id=f"s{position}", sample_id=f"s{position}", fanout=1, status=LIVE, position=position,
+               src=encode_jpeg(image), provenance=None)
+    return row
 
 
 def pairs(run_dir: Path, prefix: str) -> dict[str, tuple]:

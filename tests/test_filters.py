@@ -9,7 +9,8 @@ import numpy as np
 
 from filters.heuristics import edit_scores, image_scores, quality_score
 from filters.policy import Rule
-from manifests.images import ImageRejected, decode_image, encode_jpeg, encode_mask
+from manifests.images import decode_image, encode_jpeg, encode_mask
+from manifests.rejected import Rejected
 from manifests.schema import LIVE, REJECTED, empty_row
 from stages.base import StageContext
 from stages.score import ScoreConfig, ScoreStage
@@ -97,7 +98,7 @@ def test_a_decompression_bomb_is_rejected_without_allocating_it():
     try:
         decode_image(data, max_pixels=64_000_000)
         raise AssertionError("the bomb was decoded")
-    except ImageRejected as e:
+    except Rejected as e:
         assert e.reason == "too_many_pixels"
     finally:
         _, peak = tracemalloc.get_traced_memory()

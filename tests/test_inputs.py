@@ -18,10 +18,11 @@ from PIL import Image
 from tests.badinputs import (FIXTURE_MAX_MEMBER_BYTES, FIXTURE_MAX_PIXELS, FOLDER_WARNINGS, TAR_WARNINGS, bad_images,
                        bomb_png, build_bad_folder, build_bad_tar, expected_by_sample_id, good_jpeg, odd_images,
                        outcome_of, raw_png)
-from manifests.images import (IMAGE_FORMATS, ImageRejected, decode_image, decode_mask, encode_jpeg, encode_mask,
+from manifests.images import (IMAGE_FORMATS, decode_image, decode_mask, encode_jpeg, encode_mask,
                               encode_png, sha256_hex)
 from manifests.inputs import InputUnit, RawSample, make_sample_id, plan_inputs, read_unit
 from manifests.raw_sample import IMAGE_EXTENSIONS
+from manifests.rejected import Rejected
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]+-[0-9a-f]{10}$")
 
@@ -293,7 +294,7 @@ def test_manifests_stay_light() -> None:
 
 def test_bad_images_are_rejected_with_their_reason() -> None:
     for name, (_, data, reason) in bad_images().items():
-        with pytest.raises(ImageRejected) as caught:
+        with pytest.raises(Rejected) as caught:
             decode_image(data, max_pixels=FIXTURE_MAX_PIXELS)
         assert caught.value.reason == reason, (name, caught.value.message)
 
@@ -301,13 +302,13 @@ def test_bad_images_are_rejected_with_their_reason() -> None:
 def test_pixel_limit_is_checked_before_decoding() -> None:
     bomb = bomb_png()
     start = time.perf_counter()
-    with pytest.raises(ImageRejected, match="too_many_pixels"):
+    with pytest.raises(Rejected, match="too_many_pixels"):
         decode_image(bomb, max_pixels=FIXTURE_MAX_PIXELS)
     assert time.perf_counter() - start < 2.0
     # Below Pillow's own guard, our header check must fire (64 MP of zero rows, never decoded).
     rows = bytes(1 + 8000 // 8) * 8000
     start = time.perf_counter()
-    with pytest.raises(ImageRejected, match="max_pixels=50000000"):
+    with pytest.raises(Rejected, match="max_pixels=50000000"):
         decode_image(raw_png(8000, 8000, zlib.compress(rows)), max_pixels=50_000_000)
     assert time.perf_counter() - start < 2.0
 

@@ -7,23 +7,17 @@ from collections import Counter
 
 import numpy as np
 
-from manifests.images import encode_jpeg
 from manifests.mix import smooth_wrr
-from manifests.schema import LIVE, REJECTED, empty_row
+from manifests.schema import REJECTED
 from stages.base import StageContext
+from stages.edit import EditConfig
 from stages.instruct import InstructConfig, InstructStage, preference, task_weights
 from workers.classical import TASKS_COVERED
 from workers.rule_instructor import render, templates
+from tests.corpus import source_row
 from workers.sample_images import generate_scene
 
 SUBJECT_TASKS = {"subject_removal", "subject_addition", "background_change", "color_change"}
-
-
-def _row(image: np.ndarray, position: int) -> dict:
-    row = empty_row()
-    row.update(unit_id=f"s{position}", sample_id=f"s{position}", fanout=1, status=LIVE, position=position,
-               src=encode_jpeg(image), provenance=None)
-    return row
 
 
 def test_consecutive_positions_follow_the_target_mix():
@@ -37,9 +31,10 @@ def test_consecutive_positions_follow_the_target_mix():
 
 
 def test_a_sample_gets_k_distinct_feasible_tasks_and_honest_instructions():
-    stage = InstructStage(InstructConfig(tasks_per_source=3), StageContext(seed=1, recipe_hash="h", run_dir="."))
+    stage = InstructStage((InstructConfig(tasks_per_source=3), EditConfig()),
+                          StageContext(seed=1, recipe_hash="h", run_dir="."))
     scene, _ = generate_scene(4)
-    rows = stage.process_row(_row(scene, 7))
+    rows = stage.processsource_row(source_row(scene, 7))
     assert len(rows) == 3 and len({r["task"] for r in rows}) == 3
     assert all(r["fanout"] == 3 and r["unit_id"] == r["pair_id"] and "." not in r["pair_id"] for r in rows)
     for r in rows:
@@ -48,17 +43,17 @@ def test_a_sample_gets_k_distinct_feasible_tasks_and_honest_instructions():
             params = json.loads(r["params"])
             variants = {render(r["op"], params, None, v) for v in range(len(templates()["ops"][r["op"]]))}
             assert (r["instruction_en"], r["instruction_zh"]) in variants
-    assert rows == stage.process_row(_row(scene, 7))  # deterministic: a rerun makes the same pairs
+    assert rows == stage.processsource_row(source_row(scene, 7))  # deterministic: a rerun makes the same pairs
 
     flat = np.full((512, 512, 3), 120, np.uint8)  # no subject: region tasks pass to the next in line
-    flat_rows = stage.process_row(_row(flat, 7))
+    flat_rows = stage.processsource_row(source_row(flat, 7))
     assert flat_rows and not {r["task"] for r in flat_rows} & SUBJECT_TASKS
 
 
 def test_no_feasible_task_is_a_ledger_reason():
-    stage = InstructStage(InstructConfig(target_mix={"subject_removal": 1}),
+    stage = InstructStage((InstructConfig(target_mix={"subject_removal": 1}), EditConfig()),
                           StageContext(seed=1, recipe_hash="h", run_dir="."))
-    [row] = stage.process_row(_row(np.full((512, 512, 3), 120, np.uint8), 0))
+    [row] = stage.processsource_row(source_row(np.full((512, 512, 3), 120, np.uint8), 0))
     assert (row["status"], row["reason"]) == (REJECTED, "no_eligible_task") and row["src"] is None
 
 

@@ -21,13 +21,11 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from manifests.buckets import nearest_bucket
 from manifests.taxonomy import task_for_label
 
 SOURCE_FIELDS = ("src.jpg", "1.0.jpg", ".1.0.jpg", ".1.jpg", "1.jpg")
 TARGET_FIELDS = ("edited.jpg", "2.jpg", ".2.jpg")
-# The reference's ~1 MP buckets (reference-code.md §1.8), as (height, width).
-BUCKETS_1024 = ((720, 1456), (752, 1392), (784, 1312), (832, 1248), (880, 1184), (944, 1104), (1024, 1024),
-                (1104, 944), (1184, 880), (1248, 832), (1312, 784), (1392, 752), (1456, 720))
 
 
 @dataclass(frozen=True)
@@ -105,8 +103,7 @@ def bucket_for(width: int, height: int, resolution: int) -> tuple[int, int]:
     reference's 512-px stage trains on 512² only)."""
     if resolution != 1024:
         return resolution, resolution
-    aspect = height / width
-    return min(BUCKETS_1024, key=lambda hw: abs(np.log(hw[0] / hw[1]) - np.log(aspect)))
+    return nearest_bucket(width, height)
 
 
 def fit(image: Image.Image, size_hw: tuple[int, int]) -> np.ndarray:

@@ -10,8 +10,10 @@ character vocabularies (no download): CLIP's byte-level BPE with no merges, T5's
 """
 from __future__ import annotations
 
+import shutil
 import string
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -19,17 +21,24 @@ import torch
 TEXT_DIM = 32
 
 
-def _publish(path: Path, *parts) -> Path:
-    """`save_pretrained` every part into a temporary folder, then rename it: a killed build leaves no half
-    model behind, and the next call (which looks for the finished folder) builds it again."""
-    tmp = path.with_name(path.name + ".building")
+def publish(path: Path, *parts) -> Path:
+    """`save_pretrained` every part into a fresh temporary folder beside `path`, then rename it: a killed build
+    leaves no half model behind, and of two processes building at once (two actors on first use) the first
+    rename wins and the other discards its copy."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".building-", dir=path.parent))
     for part in parts:
         part.save_pretrained(tmp)
-    tmp.rename(path)
+    try:
+        tmp.rename(path)
+    except OSError:
+        if not path.is_dir():  # not a lost race: a real error
+            raise
+        shutil.rmtree(tmp)
     return path
 
 
-def _clip_tokenizer():
+def clip_tokenizer():
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import CLIPTokenizer
 
@@ -39,7 +48,7 @@ def _clip_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
-def _t5_tokenizer():
+def t5_tokenizer():
     from transformers import T5TokenizerFast
 
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0)]
@@ -48,19 +57,16 @@ def _t5_tokenizer():
     return T5TokenizerFast(vocab=pieces, extra_ids=0)
 
 
-def build_tiny_flux(path: str | Path, seed: int = 0, vae_scale_factor: int = 2) -> Path:
-    """Write the pipeline to `path` (idempotent: an existing build is reused) and return the path.
+def flux_components(seed: int = 0, vae_scale_factor: int = 2) -> dict:
+    """The parts of a FLUX.1 pipeline, tiny and random: pass them to FluxPipeline, FluxKontextPipeline, ….
 
     `vae_scale_factor` 8 is FLUX.1's (one latent pixel per 8×8): it keeps 1024-px images down to FLUX's token
     counts (~4k per image) where the default 2 would give 64k."""
-    path = Path(path)
-    if (path / "model_index.json").exists():
-        return path
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
-    clip_tok, t5_tok = _clip_tokenizer(), _t5_tokenizer()
+    clip_tok, t5_tok = clip_tokenizer(), t5_tokenizer()
     clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(clip_tok), hidden_size=TEXT_DIM, intermediate_size=64,
                                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
                                         projection_dim=TEXT_DIM, bos_token_id=0, eos_token_id=1, pad_token_id=1))
@@ -79,9 +85,18 @@ def build_tiny_flux(path: str | Path, seed: int = 0, vae_scale_factor: int = 2) 
                                          guidance_embeds=True, axes_dims_rope=(4, 6, 6))
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
                                                 max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
-    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=clip_tok, text_encoder_2=t5,
-                        tokenizer_2=t5_tok, transformer=transformer)
-    return _publish(path, pipe)
+    return {"scheduler": scheduler, "vae": vae, "text_encoder": clip, "tokenizer": clip_tok, "text_encoder_2": t5,
+            "tokenizer_2": t5_tok, "transformer": transformer}
+
+
+def build_tiny_flux(path: str | Path, seed: int = 0, vae_scale_factor: int = 2) -> Path:
+    """Write a tiny FluxPipeline to `path` (idempotent: an existing build is reused) and return the path."""
+    path = Path(path)
+    if (path / "model_index.json").exists():
+        return path
+    from diffusers import FluxPipeline
+
+    return publish(path, FluxPipeline(**flux_components(seed, vae_scale_factor)))
 
 
 QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -126,7 +141,7 @@ def build_tiny_qwen2_lm(path: str | Path, seed: int = 0) -> Path:
                                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                                          bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                                          pad_token_id=ids["<|endoftext|>"]))
-    return _publish(path, model, tokenizer)
+    return publish(path, model, tokenizer)
 
 
 def build_tiny_qwen25vl(path: str | Path, seed: int = 0) -> Path:
@@ -156,7 +171,7 @@ def build_tiny_qwen25vl(path: str | Path, seed: int = 0) -> Path:
                               vision_end_token_id=ids["<|vision_end|>"])
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config)
-    return _publish(path, model, processor)
+    return publish(path, model, processor)
 
 
 if __name__ == "__main__":

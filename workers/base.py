@@ -1,13 +1,21 @@
 """The small interfaces that stages program against; every backend (classical, model, API) implements one.
 
+- `Editor` (the edit stage's backends, registry in stages/edit.py): makes the edited image of a pair.
+- `Instructor` (the instruct stage's backends, registry in stages/instruct.py): finds what an image offers
+  and writes the pair's instruction, in English and Chinese, for a task and the editor routed to it.
+- `Rejected` (manifests/rejected.py): what a worker raises, or returns for one item of a batch, to end a row
+  as rejected with a reason code (a gate that fails, an unusable model output) rather than as failed.
+
 Images are RGB uint8 arrays of shape (H, W, 3); masks are bool arrays of shape (H, W).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ClassVar, Protocol
 
 import numpy as np
+
+from manifests.rejected import Rejected
 
 
 @dataclass(frozen=True)
@@ -65,3 +73,48 @@ class EditRequest:
     instruction_zh: str
     seed: int
     subject: Subject | None
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """One candidate pair as the instructor writes it: the task, what the editor is asked to run (`op` and
+    `params`: a classical op, or the instruction template and its slots), and the instruction."""
+
+    task: str
+    op: str
+    params: dict
+    instruction_en: str
+    instruction_zh: str
+
+
+class Editor(Protocol):
+    """An edit backend, built from its recipe config (`Config`, a typed block with `backend: <name>`) once
+    per actor. Construction is cheap: the instruct stage and the report build editors only to ask what they
+    cover; a model loads on the first `edit` call."""
+
+    backend: ClassVar[str]  # its name in the registry
+    follows_instructions: ClassVar[bool]  # True: edits from the instruction text; False: runs op + params
+
+    def covers(self) -> frozenset[str]:
+        """The tasks (canonical names) this editor, as configured, can perform."""
+
+    def edit(self, images: list[np.ndarray], requests: list[EditRequest]) -> list[EditOutput | Rejected]:
+        """One output per request, in order; a `Rejected` item ends that pair alone. An exception fails the
+        batch (the stage then retries its pairs one by one)."""
+
+    def provenance(self) -> dict:
+        """What made the edits, for each pair's record: worker, version, model id/revision, dtype, settings."""
+
+
+class Instructor(Protocol):
+    """An instruction backend, built once per actor with the recipe's subject-area gate (min, max)."""
+
+    name: ClassVar[str]
+    version: ClassVar[str]
+
+    def analyze(self, image: np.ndarray) -> Subject | None:
+        """The subject region edits may name (None when the image has none that passes the gates)."""
+
+    def propose(self, task: str, editor: Editor, image: np.ndarray, subject: Subject | None,
+                rng: np.random.Generator) -> Proposal | None:
+        """A pair of `task` for this editor on this image, or None when it cannot honestly make one."""

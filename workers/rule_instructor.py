@@ -1,34 +1,24 @@
-"""Rule-based instruction backend: looks at the image with classical tools, picks an operation the
-classical editors can really perform for each requested task, and writes the instruction from that
-operation's parameters in English and Chinese (templates in prompts/classical_ops.yaml).
+"""Rule-based instruction backend: looks at the image with classical tools; for the classical editor it picks
+an operation that editor can really perform for the task and writes the instruction from that operation's
+parameters (prompts/classical_ops.yaml); for editors that follow instructions it fills a task template
+(prompts/task_instructions.yaml). English and Chinese.
 
 Same role as the paper's VLM instruction step (task proposal + bilingual instruction), without a model.
 """
 from __future__ import annotations
 
 import string
-from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable
 from importlib import resources
 
 import numpy as np
 import yaml
 
-from workers.base import Subject
+from workers.base import Editor, Proposal, Subject
 from workers.classical import OPS, ops_for_task
 from workers.segment_classical import find_subject
 
 VERSION = "rule-1"
-
-
-@dataclass(frozen=True)
-class Proposal:
-    task: str
-    op: str
-    params: dict
-    instruction_en: str
-    instruction_zh: str
 
 
 @lru_cache(maxsize=1)
@@ -53,13 +43,17 @@ def render(op: str, params: dict, subject: Subject | None, variant: int) -> tupl
 
 
 def _fill(template: str, ctx: dict, op: str) -> str:
-    fields = {f for _, f, _, _ in string.Formatter().parse(template) if f}
+    fields = _fields(template)
     if fields - ctx.keys():
         raise KeyError(f"template of {op!r} needs {sorted(fields - ctx.keys())}, params give {sorted(ctx)}")
     return template.format(**ctx)
 
 
 class RuleInstructor:
+    """The rule-based Instructor: for an editor that runs ops (classical), an op it can honestly do on this
+    image, with the instruction written from the op's parameters; for an editor that follows instructions,
+    a template of the task (prompts/task_instructions.yaml) filled with drawn slots and the subject."""
+
     name = "rule_based"
     version = VERSION
 
@@ -73,23 +67,52 @@ class RuleInstructor:
             return None
         return subject
 
-    def propose(self, subject: Subject | None, tasks: list[str], k: int,
-                rng_for: Callable[[str], np.random.Generator]) -> list[Proposal]:
-        """Instructions for the first k tasks (in the given preference order) that an op can honestly do."""
-        out = []
-        for task in tasks:
-            if len(out) == k:
-                break
-            rng: np.random.Generator = rng_for(task)
-            ops = sorted(ops_for_task(task), key=lambda o: o.name)
-            for index in rng.permutation(len(ops)):
-                op = ops[index]
-                if op.needs_subject and subject is None:
-                    continue
-                params = op.sample_params(rng, subject)
-                if params is None:
-                    continue
-                en, zh = render(op.name, params, subject if op.needs_subject else None, int(rng.integers(1 << 30)))
-                out.append(Proposal(task, op.name, params, en, zh))
-                break
-        return out
+    def propose(self, task: str, editor: Editor, image: np.ndarray, subject: Subject | None,
+                rng: np.random.Generator) -> Proposal | None:
+        if editor.follows_instructions:
+            return _from_template(task, subject, rng)
+        if editor.backend != "classical":
+            raise ValueError(f"the rule-based instructor knows the ops of the classical editor only, "
+                             f"not of {editor.backend!r}")
+        ops = sorted(ops_for_task(task), key=lambda o: o.name)
+        for index in rng.permutation(len(ops)):
+            op = ops[index]
+            if op.needs_subject and subject is None:
+                continue
+            params = op.sample_params(rng, subject)
+            if params is None:
+                continue
+            en, zh = render(op.name, params, subject if op.needs_subject else None, int(rng.integers(1 << 30)))
+            return Proposal(task, op.name, params, en, zh)
+        return None
+
+
+@lru_cache(maxsize=1)
+def task_templates() -> dict:
+    return yaml.safe_load(resources.files("prompts").joinpath("task_instructions.yaml").read_text("utf-8"))
+
+
+def _from_template(task: str, subject: Subject | None, rng: np.random.Generator) -> Proposal | None:
+    """A task template whose slots this image can fill; None when the task has none (or all name a subject
+    and the image has none)."""
+    data = task_templates()
+    usable = [t for t in data["tasks"].get(task, [])
+              if subject is not None or not {"color", "where"} & _fields(t["en"])]
+    if not usable:
+        return None
+    template = usable[int(rng.integers(len(usable)))]
+    params, en_ctx, zh_ctx = {}, {}, {}
+    for slot in sorted(_fields(template["en"]) - {"color", "where"}):
+        choices = data["slots"][slot]
+        word = choices[int(rng.integers(len(choices)))]
+        params[slot], en_ctx[slot], zh_ctx[slot] = word["en"], word["en"], word["zh"]
+    if subject is not None:
+        words = templates()
+        en_ctx.update(color=subject.color, where=words["where_en"][subject.where])
+        zh_ctx.update(color=words["vocab_zh"][subject.color], where=words["where_zh"][subject.where])
+    op = f"{task}.{template['id']}"
+    return Proposal(task, op, params, _fill(template["en"], en_ctx, op), _fill(template["zh"], zh_ctx, op))
+
+
+def _fields(text: str) -> set[str]:
+    return {f for _, f, _, _ in string.Formatter().parse(text) if f}
