@@ -102,9 +102,22 @@ def parse_recipe(data: object, origin: str = "<recipe>") -> Recipe:
         lines = []
         for err in e.errors():
             key = ".".join(str(p) for p in err["loc"]) or "<root>"
-            got = f" (got {_short(err['input'])})" if err["type"] != "missing" and "input" in err else ""
+            secret = any(_keyish(p) for p in err["loc"])
+            got = (f" (got {_short(_redact(err['input']))})"
+                   if err["type"] != "missing" and "input" in err and not secret else "")
             lines.append(f"{origin}: {key}: {err['msg']}{got}")
         raise RecipeError("\n".join(lines)) from None
+
+
+def _keyish(name: object) -> bool:
+    return "key" in str(name).lower()
+
+
+def _redact(value: object) -> object:
+    """A value under a key-like name is never echoed: it may be a secret pasted where a variable's name goes."""
+    if isinstance(value, dict):
+        return {k: "***" if _keyish(k) else _redact(v) for k, v in value.items()}
+    return value
 
 
 def _short(value: object) -> str:

@@ -29,10 +29,11 @@ from manifests.rejected import Rejected
 from manifests.schema import REJECTED
 from manifests.taxonomy import task_by_name
 from stages.base import Stage, decode_own, end_row
+from workers.api_editor import ApiEditor
 from workers.base import EditOutput, EditRequest, Editor, Subject
 from workers.classical_editor import ClassicalEditor
 
-EDITORS: dict[str, type[Editor]] = {cls.backend: cls for cls in (ClassicalEditor,)}
+EDITORS: dict[str, type[Editor]] = {cls.backend: cls for cls in (ClassicalEditor, ApiEditor)}
 _CONFIGS = tuple(cls.Config for cls in EDITORS.values())
 EditorConfig = Annotated[Union[_CONFIGS], Field(discriminator="backend")] if len(_CONFIGS) > 1 else _CONFIGS[0]
 

@@ -34,7 +34,7 @@ def test_a_sample_gets_k_distinct_feasible_tasks_and_honest_instructions():
     stage = InstructStage((InstructConfig(tasks_per_source=3), EditConfig()),
                           StageContext(seed=1, recipe_hash="h", run_dir="."))
     scene, _ = generate_scene(4)
-    rows = stage.processsource_row(source_row(scene, 7))
+    rows = stage.process_row(source_row(scene, 7))
     assert len(rows) == 3 and len({r["task"] for r in rows}) == 3
     assert all(r["fanout"] == 3 and r["unit_id"] == r["pair_id"] and "." not in r["pair_id"] for r in rows)
     for r in rows:
@@ -43,17 +43,17 @@ def test_a_sample_gets_k_distinct_feasible_tasks_and_honest_instructions():
             params = json.loads(r["params"])
             variants = {render(r["op"], params, None, v) for v in range(len(templates()["ops"][r["op"]]))}
             assert (r["instruction_en"], r["instruction_zh"]) in variants
-    assert rows == stage.processsource_row(source_row(scene, 7))  # deterministic: a rerun makes the same pairs
+    assert rows == stage.process_row(source_row(scene, 7))  # deterministic: a rerun makes the same pairs
 
     flat = np.full((512, 512, 3), 120, np.uint8)  # no subject: region tasks pass to the next in line
-    flat_rows = stage.processsource_row(source_row(flat, 7))
+    flat_rows = stage.process_row(source_row(flat, 7))
     assert flat_rows and not {r["task"] for r in flat_rows} & SUBJECT_TASKS
 
 
 def test_no_feasible_task_is_a_ledger_reason():
     stage = InstructStage((InstructConfig(target_mix={"subject_removal": 1}), EditConfig()),
                           StageContext(seed=1, recipe_hash="h", run_dir="."))
-    [row] = stage.processsource_row(source_row(np.full((512, 512, 3), 120, np.uint8), 0))
+    [row] = stage.process_row(source_row(np.full((512, 512, 3), 120, np.uint8), 0))
     assert (row["status"], row["reason"]) == (REJECTED, "no_eligible_task") and row["src"] is None
 
 

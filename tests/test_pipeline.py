@@ -92,11 +92,12 @@ def test_sigkill_of_the_driver_then_rerun_gives_the_same_corpus(reference, ray_c
     assert pairs(run_dir, PREFIX) == reference["pairs"]
 
 
-def _kill_one_actor(stage_class: str, done: threading.Event, killed: list) -> None:
+def _kill_one_actor(address: str, stage_class: str, done: threading.Event, killed: list) -> None:
     from ray.util.state import list_actors
 
-    while not done.is_set() and not killed:
-        for actor in list_actors(filters=[("state", "=", "ALIVE")], detail=True, raise_on_missing_output=False):
+    while not done.is_set() and not killed:  # the address: another cluster may run on the machine
+        for actor in list_actors(address=address, filters=[("state", "=", "ALIVE")], detail=True,
+                                 raise_on_missing_output=False):
             if stage_class in (actor.get("repr_name") or "") + (actor.get("class_name") or "") and actor.get("pid"):
                 os.kill(actor["pid"], signal.SIGKILL)
                 killed.append(actor["pid"])
@@ -107,7 +108,7 @@ def _kill_one_actor(stage_class: str, done: threading.Event, killed: list) -> No
 def test_killing_a_stage_actor_mid_run_loses_nothing(reference, ray_cluster, tmp_path):
     run_dir = tmp_path / "run"
     done, killed = threading.Event(), []
-    killer = threading.Thread(target=_kill_one_actor, args=("EditStage", done, killed))
+    killer = threading.Thread(target=_kill_one_actor, args=(ray_cluster["address"], "EditStage", done, killed))
     killer.start()
     try:
         run(RECIPE, str(run_dir), address=ray_cluster["address"])

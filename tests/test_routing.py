@@ -52,9 +52,9 @@ def test_pairs_are_routed_by_weight_deterministically_and_dispatched_to_their_ed
     cfg = (InstructConfig(tasks_per_source=1, target_mix={"style_change": 1}), EditConfig(**TWO))
     stage = InstructStage(cfg, CTX)
     scene, _ = generate_scene(2)
-    rows = [r for p in range(40) for r in stage.processsource_row(source_row(scene, p))]
+    rows = [r for p in range(40) for r in stage.process_row(source_row(scene, p))]
     assert {r["editor"].split(":")[0] for r in rows} == {"main", "spare"}
-    assert rows == [r for p in range(40) for r in stage.processsource_row(source_row(scene, p))]  # a rerun: same pairs
+    assert rows == [r for p in range(40) for r in stage.process_row(source_row(scene, p))]  # a rerun: same pairs
     assert all(r["task"] == "style_change" for r in rows)
 
     edit = EditStage(EditConfig(**TWO), CTX)
@@ -70,16 +70,60 @@ def test_the_instruct_stage_draws_only_routed_tasks():
     cfg = (InstructConfig(tasks_per_source=3), EditConfig(**TWO))
     stage = InstructStage(cfg, CTX)
     scene, _ = generate_scene(5)
-    tasks = {r["task"] for p in range(10) for r in stage.processsource_row(source_row(scene, p))}
+    tasks = {r["task"] for p in range(10) for r in stage.process_row(source_row(scene, p))}
     assert tasks == {"style_change", "tone_transformation"}
 
 
 def test_an_editor_error_on_one_pair_fails_that_pair_only():
     stage = InstructStage((InstructConfig(tasks_per_source=2), EditConfig()), CTX)
     scene, _ = generate_scene(1)
-    rows = stage.processsource_row(source_row(scene, 0))
+    rows = stage.process_row(source_row(scene, 0))
     broken = {**rows[0], "op": "no.such_op"}
     done = {r["unit_id"]: r for r in EditStage(EditConfig(), CTX).process([broken, rows[1]])}
     assert done[rows[0]["unit_id"]]["status"] == "failed" and "no.such_op" in done[rows[0]["unit_id"]]["message"]
     assert done[rows[1]["unit_id"]]["status"] == LIVE
     assert REJECTED not in {r["status"] for r in done.values()}
+
+
+def test_an_instruction_following_editor_gets_template_instructions_and_its_rejections_are_ledger_reasons(
+        monkeypatch):
+    from tests.http_fixture import ApiServer, Reply
+
+    monkeypatch.setenv("X2E_TEST_KEY", "sk-test")
+    with ApiServer() as server:
+        edit_cfg = EditConfig(editors={"classical": {"backend": "classical"},
+                                       "gpt": {"backend": "api", "base_url": server.url, "model": "gpt-image-1",
+                                               "api_key_env": "X2E_TEST_KEY", "tasks": ["style_change",
+                                                                                         "material_change"]}},
+                              route={"style_change": {"gpt": 1}, "material_change": {"gpt": 1},
+                                     "tone_transformation": {"classical": 1}})
+        stage = InstructStage((InstructConfig(tasks_per_source=3), edit_cfg), CTX)
+        scene, _ = generate_scene(4)
+        rows = stage.process_row(source_row(scene, 0))
+        by_task = {r["task"]: r for r in rows}
+        assert set(by_task) == {"style_change", "material_change", "tone_transformation"}
+        style = by_task["style_change"]
+        assert style["editor"] == f"gpt:{style['op']}" and style["op"].startswith("style_change.")
+        assert json.loads(style["params"])["style"] in style["instruction_en"]  # the slot, in both languages
+        assert style["instruction_zh"] and style["instruction_zh"] != style["instruction_en"]
+        assert "object" in by_task["material_change"]["instruction_en"]  # names the subject the image has
+
+        server.replies = [Reply(echo_image=True), Reply(400, {"error": {"message": "refused by the safety system"}})]
+        done = {r["task"]: r for r in EditStage(edit_cfg, CTX).process(rows)}
+    assert done["tone_transformation"]["status"] == LIVE  # the classical editor's pair, in its own batch
+    edited = [done[t] for t in ("style_change", "material_change")]
+    assert sorted(r["status"] for r in edited) == [LIVE, REJECTED]
+    rejected = next(r for r in edited if r["status"] == REJECTED)
+    assert rejected["reason"] == "api_bad_request" and "safety" in rejected["message"] and rejected["stage"] == "edit"
+    live = next(r for r in edited if r["status"] == LIVE)
+    assert json.loads(live["provenance"])["edit"]["model"] == "gpt-image-1"
+
+
+def test_a_key_pasted_into_a_recipe_is_never_echoed_in_its_errors():
+    editor = {"backend": "api", "base_url": "https://api.example.com/v1", "model": "m", "tasks": ["style_change"],
+              "api_key_env": "sk-proj-SECRET123"}
+    no_backend = {k: v for k, v in editor.items() if k != "backend"}  # the error quotes the whole block
+    for edit in ({"editors": {"gpt": editor}}, {"editors": {"gpt": no_backend}}):
+        with pytest.raises(RecipeError, match="api_key_env|backend") as error:
+            parse_recipe({"name": "x", "edit": edit}, "r.yaml")
+        assert "SECRET123" not in str(error.value)

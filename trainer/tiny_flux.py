@@ -151,6 +151,11 @@ def build_tiny_qwen25vl(path: str | Path, seed: int = 0) -> Path:
     path = Path(path)
     if (path / "config.json").exists():
         return path
+    return publish(path, *qwen25vl_parts(seed))
+
+
+def qwen25vl_parts(seed: int = 0) -> tuple:
+    """The tiny Qwen2.5-VL and its processor (also Qwen-Image-Edit's text encoder, workers/tiny_models.py)."""
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
                               Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
 
@@ -170,8 +175,7 @@ def build_tiny_qwen25vl(path: str | Path, seed: int = 0) -> Path:
                               video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
                               vision_end_token_id=ids["<|vision_end|>"])
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
-    return publish(path, model, processor)
+    return Qwen2_5_VLForConditionalGeneration(config), processor
 
 
 if __name__ == "__main__":

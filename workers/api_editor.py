@@ -2,8 +2,8 @@
 
 The reference's high-fidelity editor is GPT-Image at 1024x1024, quality auto, behind a gateway
 (reference-code.md §1.7); this is the same call against any OpenAI-compatible endpoint. The key is read from
-the environment variable the recipe names, at first use, and goes into the Authorization header only: never
-into provenance, a log line or an error message (server error texts are scrubbed of it).
+the environment variable the recipe names at each use, never stored, and goes into the Authorization header
+only: never into provenance, a log line or an error message (server error texts are scrubbed of it).
 
 What a request ends as:
 - an `EditOutput`: the result went through the safe decoder and was resized back to the source's size;
@@ -40,7 +40,6 @@ import requests
 from PIL import Image
 from pydantic import Field, field_validator, model_validator
 from requests.auth import AuthBase
-from requests.structures import CaseInsensitiveDict
 
 from manifests.config import Strict
 from manifests.images import decode_image, encode_png
@@ -115,8 +114,8 @@ class ApiEditor:
         @classmethod
         def _http_url(cls, url: str) -> str:
             parts = urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ValueError("base_url must be an http(s) URL")
+            if parts.scheme not in ("http", "https") or not parts.hostname or parts.port == 0:  # .port: a
+                raise ValueError("base_url must be an http(s) URL")  # ValueError when not a number in range
             if parts.username or parts.password or parts.query or parts.fragment:
                 raise ValueError("base_url takes no credentials, query or fragment (the key comes from api_key_env)")
             return url.rstrip("/")
@@ -136,9 +135,7 @@ class ApiEditor:
 
     def __init__(self, cfg: ApiEditor.Config) -> None:
         self.cfg = cfg
-        parts = urlsplit(cfg.base_url)
-        self._host = parts.hostname + (f":{parts.port}" if parts.port else "")
-        self._key: str | None = None  # read at first use: editors are also built only to ask what they cover
+        self._host = urlsplit(cfg.base_url).netloc  # host[:port]: the validator allows no credentials in it
         self._slot_lock = threading.Lock()
         self._next_slot = 0.0  # time.monotonic() before which no request may start
         self._finished: OrderedDict[str, np.ndarray | Rejected] = OrderedDict()
@@ -187,7 +184,7 @@ class ApiEditor:
             return rejected
         height, width = image.shape[:2]
         if edited.shape[:2] != (height, width):  # the API answers at `size`; the pair keeps the source's
-            edited = np.asarray(Image.fromarray(edited).resize((width, height), Image.Resampling.LANCZOS))
+            edited = np.array(Image.fromarray(edited).resize((width, height), Image.Resampling.LANCZOS))
         return EditOutput(source=image, edited=edited, mask=None)
 
     def _request_edit(self, png: bytes, prompt: str) -> np.ndarray:
@@ -213,31 +210,29 @@ class ApiEditor:
 
     def _post(self, fields: dict[str, str], png: bytes) -> bytes:
         self._wait_for_slot()
-        status, headers, body = self._send(
+        status, body = self._send(
             "POST", f"{self.cfg.base_url}/images/edits", data=fields,
             files={"image": ("image.png", png, "image/png")}, auth=_Bearer(self._api_key()),
             allow_redirects=False)  # a redirected POST would become a GET
         if 200 <= status < 300:
             return body
-        text = self._error_text(body)
-        _raise_if_retryable(status, headers, text)
         if status in _REFUSED:
-            raise Rejected("api_bad_request", f"HTTP {status}: {text}")
-        raise ApiError(f"HTTP {status} from {self._host}/images/edits: {text}")
+            raise Rejected("api_bad_request", f"HTTP {status}: {self._error_text(body)}")
+        raise ApiError(f"HTTP {status} from {self._host}/images/edits: {self._error_text(body)}")
 
     def _download(self, url: str) -> bytes:
         """A result URL (often a signed link on another host): fetched without the key."""
         if urlsplit(url).scheme not in ("http", "https"):
             raise Rejected("api_malformed_response", "data[0].url is not an http(s) URL")
-        status, headers, body = self._send("GET", url)
+        status, body = self._send("GET", url)
         if 200 <= status < 300:
             return body
-        text = self._error_text(body)
-        _raise_if_retryable(status, headers, text)
-        raise Rejected("api_download_failed", f"HTTP {status} for the result URL: {text}")
+        raise Rejected("api_download_failed", f"HTTP {status} for the result URL: {self._error_text(body)}")
 
-    def _send(self, method: str, url: str, **kwargs) -> tuple[int, CaseInsensitiveDict, bytes]:
-        """One attempt, its body bounded in size and, unlike requests' per-read timeout, in total time."""
+    def _send(self, method: str, url: str, **kwargs) -> tuple[int, bytes]:
+        """One attempt: its status and body, bounded in size and, unlike requests' per-read timeout, in total
+        time. Raises `_Retryable` on what another attempt may cure: 408 timeout, 409 conflict, 429 rate limit,
+        5xx, a connection error, a timeout."""
         deadline = time.monotonic() + self.cfg.timeout_s
         try:
             with requests.request(method, url, timeout=self.cfg.timeout_s, stream=True, **kwargs) as response:
@@ -253,7 +248,11 @@ class ApiEditor:
                     if time.monotonic() > deadline:
                         raise _Retryable(f"body not complete within timeout_s={self.cfg.timeout_s}")
                     chunks.append(chunk)
-                return response.status_code, response.headers, b"".join(chunks)
+                body = b"".join(chunks)
+                if response.status_code in (408, 409, 429) or response.status_code >= 500:
+                    raise _Retryable(f"HTTP {response.status_code}: {self._error_text(body)}",
+                                     _retry_after(response.headers.get("Retry-After")))
+                return response.status_code, body
         except _NETWORK_ERRORS as exc:
             # The class only: requests' messages repeat the URL, and a result URL's query is a signed token.
             raise _Retryable(type(exc).__name__) from exc
@@ -288,13 +287,13 @@ class ApiEditor:
         time.sleep(slot - now)
 
     def _api_key(self) -> str:
-        if self._key is None:
-            key = os.environ.get(self.cfg.api_key_env, "").strip()
-            if not key:
-                raise MissingApiKey(f"environment variable {self.cfg.api_key_env} is not set or empty: it must "
-                                    f"hold the API key for {self._host} (api_key_env in the recipe)")
-            self._key = key
-        return self._key
+        """Read at each use, not at construction (editors are also built only to ask what they cover) and
+        never stored, so no attribute, pickle or repr of an editor holds it."""
+        key = os.environ.get(self.cfg.api_key_env, "").strip()
+        if not key:
+            raise MissingApiKey(f"environment variable {self.cfg.api_key_env} is not set or empty: it must "
+                                f"hold the API key for {self._host} (api_key_env in the recipe)")
+        return key
 
     def _error_text(self, body: bytes) -> str:
         """The server's error message (OpenAI's {"error": {"message": ...}} or the raw text), scrubbed of the
@@ -306,17 +305,14 @@ class ApiEditor:
             payload = None  # not JSON: the raw text is the message
         error = payload.get("error") if isinstance(payload, dict) else None
         if isinstance(error, dict) and isinstance(error.get("message"), str):
-            text = error["message"]
+            code = error.get("code")  # e.g. moderation_blocked: worth keeping in the ledger
+            text = f"{error['message']} ({code})" if isinstance(code, str) else error["message"]
         elif isinstance(error, str):
             text = error
-        if self._key:
-            text = text.replace(self._key, "***")
+        key = os.environ.get(self.cfg.api_key_env, "").strip()
+        if key:
+            text = text.replace(key, "***")
         return " ".join(text.split())[:_ERROR_TEXT_CHARS]
-
-
-def _raise_if_retryable(status: int, headers: CaseInsensitiveDict, text: str) -> None:
-    if status in (408, 409, 429) or status >= 500:  # timeout, conflict, rate limit, server trouble
-        raise _Retryable(f"HTTP {status}: {text}", _retry_after(headers.get("Retry-After")))
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -95,15 +95,15 @@ class LazyModel(Generic[T]):
 
     def __init__(self, load: Callable[[], T]) -> None:
         self._load = load
-        self._model: T | None = None
+        self.model: T | None = None  # None until loaded
         self.load_seconds: float | None = None
 
     def get(self) -> T:
-        if self._model is None:
+        if self.model is None:
             start = time.perf_counter()
-            self._model = self._load()
+            self.model = self._load()
             self.load_seconds = time.perf_counter() - start
-        return self._model
+        return self.model
 
 
 def run_batched(fn: Callable[[list[T]], list[R]], items: list[T], batch_size: int) -> list[R | ItemFailed]:
