@@ -98,6 +98,11 @@ class Editor(Protocol):
     def covers(self) -> frozenset[str]:
         """The tasks (canonical names) this editor, as configured, can perform."""
 
+    def propose(self, task: str, image: np.ndarray, subject: Subject | None,
+                rng: np.random.Generator) -> Proposal | None:
+        """Editors that do not follow instructions only: an edit of `task` this editor can really make on this
+        image (op and params), with an instruction that says exactly what it does; None when it cannot."""
+
     def edit(self, images: list[np.ndarray], requests: list[EditRequest]) -> list[EditOutput | Rejected]:
         """One output per request, in order; a `Rejected` item ends that pair alone. An exception fails the
         batch (the stage then retries its pairs one by one)."""

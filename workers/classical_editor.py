@@ -8,7 +8,8 @@ import numpy as np
 
 from manifests.config import Strict
 from workers import classical
-from workers.base import EditOutput, EditRequest
+from workers.base import EditOutput, EditRequest, Proposal, Subject
+from workers.rule_instructor import propose_classical
 
 
 class ClassicalEditor:
@@ -23,6 +24,10 @@ class ClassicalEditor:
 
     def covers(self) -> frozenset[str]:
         return classical.TASKS_COVERED
+
+    def propose(self, task: str, image: np.ndarray, subject: Subject | None,
+                rng: np.random.Generator) -> Proposal | None:
+        return propose_classical(task, subject, rng)
 
     def edit(self, images: list[np.ndarray], requests: list[EditRequest]) -> list[EditOutput]:
         return [self._one(image, request) for image, request in zip(images, requests)]

@@ -50,9 +50,9 @@ def _fill(template: str, ctx: dict, op: str) -> str:
 
 
 class RuleInstructor:
-    """The rule-based Instructor: for an editor that runs ops (classical), an op it can honestly do on this
-    image, with the instruction written from the op's parameters; for an editor that follows instructions,
-    a template of the task (prompts/task_instructions.yaml) filled with drawn slots and the subject."""
+    """The rule-based Instructor: for an editor that follows instructions, a template of the task
+    (prompts/task_instructions.yaml) filled with drawn slots and the subject; any other editor proposes what
+    it can really do itself (the classical editor through `propose_classical`)."""
 
     name = "rule_based"
     version = VERSION
@@ -71,20 +71,22 @@ class RuleInstructor:
                 rng: np.random.Generator) -> Proposal | None:
         if editor.follows_instructions:
             return _from_template(task, subject, rng)
-        if editor.backend != "classical":
-            raise ValueError(f"the rule-based instructor knows the ops of the classical editor only, "
-                             f"not of {editor.backend!r}")
-        ops = sorted(ops_for_task(task), key=lambda o: o.name)
-        for index in rng.permutation(len(ops)):
-            op = ops[index]
-            if op.needs_subject and subject is None:
-                continue
-            params = op.sample_params(rng, subject)
-            if params is None:
-                continue
-            en, zh = render(op.name, params, subject if op.needs_subject else None, int(rng.integers(1 << 30)))
-            return Proposal(task, op.name, params, en, zh)
-        return None
+        return editor.propose(task, image, subject, rng)  # it knows what it can do; the text says just that
+
+
+def propose_classical(task: str, subject: Subject | None, rng: np.random.Generator) -> Proposal | None:
+    """A classical op that can do `task` here, its parameters drawn, the instruction written from them."""
+    ops = sorted(ops_for_task(task), key=lambda o: o.name)
+    for index in rng.permutation(len(ops)):
+        op = ops[index]
+        if op.needs_subject and subject is None:
+            continue
+        params = op.sample_params(rng, subject)
+        if params is None:
+            continue
+        en, zh = render(op.name, params, subject if op.needs_subject else None, int(rng.integers(1 << 30)))
+        return Proposal(task, op.name, params, en, zh)
+    return None
 
 
 @lru_cache(maxsize=1)
