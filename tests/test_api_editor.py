@@ -18,7 +18,8 @@ from manifests.images import encode_png
 from manifests.rejected import Rejected
 from tests.badinputs import raw_png
 from tests.http_fixture import ApiServer, Reply
-from workers.api_editor import ApiEditor, ApiError, ApiUnavailable, MissingApiKey, _retry_after
+from workers.api_editor import ApiEditor, ApiError, ApiUnavailable, MissingApiKey
+from workers.http_api import retry_after
 from workers.base import EditOutput, EditRequest
 
 KEY_ENV = "X2EDIT_TEST_IMAGE_API_KEY"
@@ -94,7 +95,7 @@ def test_timeouts_to_the_last_retry_fail_the_batch(server):
     assert len(server.posts()) == 2
 
 
-def test_429_waits_for_retry_after(server):
+def test_429_waits_forretry_after(server):
     server.replies = [Reply(429, {"error": {"message": "rate limited"}}, {"Retry-After": "1"}), b64_reply(blue_png())]
     [out] = make_editor(server).edit([image()], [request()])
     first, second = server.posts()
@@ -104,10 +105,10 @@ def test_429_waits_for_retry_after(server):
 
 def test_retry_after_forms():
     soon = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True)
-    assert _retry_after("2") == 2.0 and _retry_after("0.5") == 0.5
-    assert 20 < _retry_after(soon) <= 30
-    assert _retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past: now
-    assert _retry_after("soon") is None and _retry_after(None) is None
+    assert retry_after("2") == 2.0 and retry_after("0.5") == 0.5
+    assert 20 < retry_after(soon) <= 30
+    assert retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past: now
+    assert retry_after("soon") is None and retry_after(None) is None
 
 
 def test_500_then_success(server):
