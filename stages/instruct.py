@@ -118,12 +118,12 @@ class InstructStage(Stage):
         if not proposals:
             return [end_row(row, REJECTED, self.name, "no_eligible_task",
                             "no configured editor can do any task of the target mix on this image")]
-        subject_json = None if subject is None else json.dumps(
-            {"color": subject.color, "where": subject.where, "area_frac": round(subject.area_frac, 4),
-             "bbox": list(subject.bbox), "saturation": round(subject.saturation, 4)})
-        subject_mask = None if subject is None else encode_mask(subject.mask)
         out = []
         for name, p in proposals:
+            about = p.subject or subject
+            subject_json = None if about is None else json.dumps(
+                {"color": about.color, "where": about.where, "area_frac": round(about.area_frac, 4),
+                 "bbox": list(about.bbox), "saturation": round(about.saturation, 4)})
             seed = stable_seed(sample_seed, p.task, p.op)
             editor = f"{name}:{p.op}"
             pair_id = make_pair_id(row["sample_id"], p.task, seed, editor)
@@ -131,7 +131,8 @@ class InstructStage(Stage):
             out.append({**row, "unit_id": pair_id, "pair_id": pair_id, "fanout": len(proposals),
                         "task": task.name, "task_id": task.id, "op": p.op, "params": json.dumps(p.params),
                         "instruction_en": p.instruction_en, "instruction_zh": p.instruction_zh,
-                        "seed": seed, "subject": subject_json, "mask": subject_mask, "editor": editor,
+                        "seed": seed, "subject": subject_json, "editor": editor,
+                        "mask": None if about is None else encode_mask(about.mask),
                         "provenance": json.dumps({"instruct": {"worker": self.worker.name,
                                                                "version": self.worker.version}})})
         return out

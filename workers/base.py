@@ -78,13 +78,16 @@ class EditRequest:
 @dataclass(frozen=True)
 class Proposal:
     """One candidate pair as the instructor writes it: the task, what the editor is asked to run (`op` and
-    `params`: a classical op, or the instruction template and its slots), and the instruction."""
+    `params`: a classical op, or the instruction template and its slots), and the instruction. `subject` is
+    the region the pair is about when the editor found its own (a detected and segmented object); it travels
+    to the edit stage in place of the instructor's subject."""
 
     task: str
     op: str
     params: dict
     instruction_en: str
     instruction_zh: str
+    subject: Subject | None = None
 
 
 class Editor(Protocol):
