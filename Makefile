@@ -22,6 +22,9 @@ $(VENV)/bin/python:
 $(VENV)/.base: pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install -q -e .
 	touch $@
+$(VENV)/.models: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e '.[models]'
+	touch $@
 $(VENV)/.train: pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install -q -e '.[train]'
 	touch $@
@@ -32,7 +35,8 @@ $(VENV)/.test: pyproject.toml | $(VENV)/bin/python
 setup: $(VENV)/.base
 
 # Builds the corpus into $(RUN_DIR); rerunning resumes (committed work is kept, leftovers discarded).
-build-dataset: $(VENV)/.base
+# The default recipe needs the base install only; any other recipe may run model workers.
+build-dataset: $(if $(filter default-cpu,$(RECIPE)),$(VENV)/.base,$(VENV)/.models)
 	$(PY) -m pipeline run --recipe $(RECIPE) --run-dir $(RUN_DIR)
 
 $(RUN_DIR)/ledger.parquet:

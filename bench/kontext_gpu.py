@@ -7,9 +7,10 @@ on an H100/H200.
 
 Setup. Random weights at FLUX.1-Kontext-dev's sizes, built directly on the device in bf16 (no checkpoint, no host
 copy): the transformer (FLUX.1-dev's config, 11.90 B), a T5-XXL encoder (24 layers, d_model 4096, d_ff 10240,
-64 heads) and a CLIP-L text encoder (12 layers, 768 wide), and FLUX's VAE (16 latent channels, ×8). The
-tokenizers are the tiny character-level ones (trainer/tiny_flux.py): only the embedding tables shrink, and
-T5 pads every prompt to max_sequence_length 512 and CLIP to 77 tokens, so the compute is the real model's.
+64 heads: 4.63 B), a CLIP-L text encoder (12 layers, 768 wide: 85 M) and FLUX's VAE (16 latent channels, ×8:
+84 M). The tokenizers are the tiny character-level ones (trainer/tiny_flux.py): only the embedding tables
+shrink (the real vocabularies add 0.13 B and 38 M), and T5 pads every prompt to max_sequence_length 512 and
+CLIP to 77 tokens, so the compute is the real model's.
 Random weights cost what trained ones cost (same shapes, same kernels); the images are meaningless.
 The timed call is `DiffusersEditor.edit(images, requests)` with this pipeline injected: resize to the edit size,
 one pipeline call per batch (CLIP + T5 encode, VAE encode of the reference, the denoising steps over target +

@@ -25,15 +25,16 @@ from pydantic import Field, field_validator, model_validator
 
 from manifests.config import Strict
 from manifests.images import decode_mask, encode_jpeg, encode_mask
-from manifests.rejected import Rejected
-from manifests.schema import REJECTED
+from manifests.rejected import ItemFailed, Rejected
+from manifests.schema import FAILED, REJECTED
 from manifests.taxonomy import task_by_name
 from stages.base import Stage, decode_own, end_row
 from workers.api_editor import ApiEditor
 from workers.base import EditOutput, EditRequest, Editor, Subject
 from workers.classical_editor import ClassicalEditor
+from workers.diffusers_editor import DiffusersEditor
 
-EDITORS: dict[str, type[Editor]] = {cls.backend: cls for cls in (ClassicalEditor, ApiEditor)}
+EDITORS: dict[str, type[Editor]] = {cls.backend: cls for cls in (ClassicalEditor, DiffusersEditor, ApiEditor)}
 _CONFIGS = tuple(cls.Config for cls in EDITORS.values())
 EditorConfig = Annotated[Union[_CONFIGS], Field(discriminator="backend")] if len(_CONFIGS) > 1 else _CONFIGS[0]
 
@@ -135,9 +136,10 @@ class EditStage(Stage):
                     else self.fail(rows[0], e)]
         return [self._pair(row, image, result, editor) for row, image, result in zip(rows, images, results)]
 
-    def _pair(self, row: dict, image: np.ndarray, result: EditOutput | Rejected, editor: Editor) -> dict:
-        if isinstance(result, Rejected):
-            return end_row(row, REJECTED, self.name, result.reason, result.message)
+    def _pair(self, row: dict, image: np.ndarray, result: EditOutput | Rejected | ItemFailed, editor: Editor) -> dict:
+        if isinstance(result, (Rejected, ItemFailed)):
+            status = REJECTED if isinstance(result, Rejected) else FAILED
+            return end_row(row, status, self.name, result.reason, result.message)
         q = self.cfg.jpeg_quality
         provenance = {**json.loads(row["provenance"] or "{}"),
                       "edit": {**editor.provenance(), "editor": editor_name(row), "seed": row["seed"]},

@@ -4,7 +4,8 @@
 - `Instructor` (the instruct stage's backends, registry in stages/instruct.py): finds what an image offers
   and writes the pair's instruction, in English and Chinese, for a task and the editor routed to it.
 - `Rejected` (manifests/rejected.py): what a worker raises, or returns for one item of a batch, to end a row
-  as rejected with a reason code (a gate that fails, an unusable model output) rather than as failed.
+  as rejected with a reason code (a gate that fails, an unusable model output) rather than as failed;
+  `ItemFailed`, returned for one item, ends it as failed with a reason code (out of memory).
 
 Images are RGB uint8 arrays of shape (H, W, 3); masks are bool arrays of shape (H, W).
 """
@@ -15,7 +16,7 @@ from typing import Callable, ClassVar, Protocol
 
 import numpy as np
 
-from manifests.rejected import Rejected
+from manifests.rejected import ItemFailed, Rejected
 
 
 @dataclass(frozen=True)
@@ -106,9 +107,10 @@ class Editor(Protocol):
         """Editors that do not follow instructions only: an edit of `task` this editor can really make on this
         image (op and params), with an instruction that says exactly what it does; None when it cannot."""
 
-    def edit(self, images: list[np.ndarray], requests: list[EditRequest]) -> list[EditOutput | Rejected]:
-        """One output per request, in order; a `Rejected` item ends that pair alone. An exception fails the
-        batch (the stage then retries its pairs one by one)."""
+    def edit(self, images: list[np.ndarray], requests: list[EditRequest]) -> list[EditOutput | Rejected | ItemFailed]:
+        """One output per request, in order; a `Rejected` item ends that pair alone as rejected, an `ItemFailed`
+        one as failed (e.g. out of memory at batch 1). An exception fails the batch (the stage then retries its
+        pairs one by one)."""
 
     def provenance(self) -> dict:
         """What made the edits, for each pair's record: worker, version, model id/revision, dtype, settings."""

@@ -45,7 +45,7 @@ def _kontext_kwargs(guidance: float, batch: int, height: int, width: int) -> dic
 
 def _qwen_kwargs(guidance: float, batch: int, height: int, width: int) -> dict[str, Any]:
     # Qwen-Image-Edit is not guidance-distilled: its guidance is true CFG, on only with a negative prompt.
-    return {"true_cfg_scale": guidance, "negative_prompt": [" "] * batch}
+    return {"true_cfg_scale": guidance, **({"negative_prompt": [" "] * batch} if guidance > 1 else {})}
 
 
 # The pipelines this editor drives, with the call arguments each needs beyond the common ones.
@@ -157,7 +157,7 @@ class DiffusersEditor:
         """Settings, the model's resolved snapshot and the dtype/device it runs in (once loaded)."""
         cfg, pipe = self.cfg, self._pipe.model
         return {"worker": self.backend, "version": VERSION, "model": cfg.model, "pipeline": cfg.pipeline,
-                "revision": self._source.revision if self._source and self._source.revision else cfg.revision,
+                "revision": (self._source and self._source.revision) or cfg.revision,
                 "dtype": str(pipe.dtype).removeprefix("torch.") if pipe else cfg.dtype,
                 "device": pipe.device.type if pipe else None,
                 "steps": cfg.steps, "guidance": cfg.guidance, "resolution": cfg.resolution,

@@ -17,6 +17,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Callable, Generic, TypeVar
 
+from manifests.rejected import ItemFailed
+
 log = logging.getLogger(__name__)
 T, R = TypeVar("T"), TypeVar("R")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -31,17 +33,6 @@ def need(module: str) -> ModuleType:
                           "(pyproject's train extra installs torch, diffusers and transformers)") from e
 
 
-class ItemFailed(Exception):
-    """One item of a batch that ended in an error of the system, with a stable reason code ("oom"): the
-    *failed* counterpart of manifests.rejected.Rejected. Workers return it in place of that item's output, so
-    the other items of the batch keep theirs."""
-
-    def __init__(self, reason: str, message: str = "") -> None:
-        super().__init__(f"{reason}: {message}" if message else reason)
-        self.reason = reason
-        self.message = message
-
-
 class ModelNotFound(FileNotFoundError):
     pass
 
@@ -53,8 +44,17 @@ class ModelSource:
     revision: str | None  # the cached snapshot's commit for a hub id; None for a plain folder
 
 
+TINY_SCHEME = "tiny:"
+
+
 def resolve_model(model: str, revision: str | None = None) -> ModelSource:
-    """A local folder as is, or a hub id (at `revision`: branch, tag or commit) from the local cache only."""
+    """A local folder as is, or a hub id (at `revision`: branch, tag or commit) from the local cache only, or
+    `tiny:<name>`: a tiny random-weight checkpoint of a real model family, built into a cache folder at first
+    use (workers/tiny_models.py) and then read like any folder, for CPU runs and tests."""
+    if model.startswith(TINY_SCHEME):
+        from workers.tiny_models import build_tiny
+
+        return ModelSource(build_tiny(model[len(TINY_SCHEME):]), model, "random-weights")
     folder = Path(model).expanduser()
     if folder.is_dir():
         return ModelSource(folder, model, None)
@@ -91,17 +91,26 @@ def torch_dtype(name: str, device: str):
 
 
 class LazyModel(Generic[T]):
-    """A model built by `load` on first `get()`, once; `load_seconds` keeps its load time apart from the work."""
+    """A model built by `load` on first `get()`, once; `load_seconds` keeps its load time apart from the work.
+    A load that fails raises the same error on every later `get()` without trying again: the stage retries a
+    failed batch pair by pair, and a missing or broken checkpoint must not be read once per pair."""
 
     def __init__(self, load: Callable[[], T]) -> None:
         self._load = load
+        self._error: Exception | None = None
         self.model: T | None = None  # None until loaded
         self.load_seconds: float | None = None
 
     def get(self) -> T:
+        if self._error is not None:
+            raise self._error
         if self.model is None:
             start = time.perf_counter()
-            self.model = self._load()
+            try:
+                self.model = self._load()
+            except Exception as e:
+                self._error = e
+                raise
             self.load_seconds = time.perf_counter() - start
         return self.model
 

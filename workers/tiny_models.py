@@ -21,6 +21,14 @@ def tiny_models_dir() -> Path:
     return Path(os.environ.get(TINY_MODELS_ENV) or DEFAULT_DIR)
 
 
+def build_tiny(name: str) -> Path:
+    """The folder of the tiny model `name` (built on first use): what `tiny:<name>` in a recipe resolves to."""
+    builders = {"flux-kontext": build_tiny_kontext, "qwen-image-edit": build_tiny_qwen_image_edit}
+    if name not in builders:
+        raise ValueError(f"no tiny model {name!r}; there are: {', '.join(sorted(builders))}")
+    return builders[name]()
+
+
 def build_tiny_kontext(path: str | Path | None = None, seed: int = 0) -> Path:
     """A FluxKontextPipeline with FLUX.1's classes at widths of 32 (VAE ×2: a 64-px image is 256 tokens).
     Idempotent: an existing build is reused; a concurrent or killed build leaves no half folder."""
