@@ -64,6 +64,7 @@ bench: $(VENV)/.test
 	$(PY) -m bench.engine_overhead
 	$(PY) -m bench.moe_dispatch
 	$(PY) -m bench.train_step
+	$(PY) -m bench.edit_overhead
 
 clean:
 	rm -rf runs models .pytest_cache
