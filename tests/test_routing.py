@@ -127,3 +127,15 @@ def test_a_key_pasted_into_a_recipe_is_never_echoed_in_its_errors():
         with pytest.raises(RecipeError, match="api_key_env|backend") as error:
             parse_recipe({"name": "x", "edit": edit}, "r.yaml")
         assert "SECRET123" not in str(error.value)
+
+
+def test_every_shipped_recipe_validates_and_routes_only_to_configured_editors():
+    from pipeline.recipe import BUILTIN_DIR, load_recipe
+
+    names = sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml"))
+    assert {"default-cpu", "tiny-models", "x2edit-gpu"} <= set(names)
+    for name in names:
+        recipe = load_recipe(name)
+        routes = recipe.edit.routes()
+        assert set(recipe.instruct.target_mix) <= set(routes), name  # every target task has an editor
+        assert {e for weights in routes.values() for e in weights} <= set(recipe.edit.editors), name
