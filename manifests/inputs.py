@@ -7,6 +7,7 @@ RawSample with an `error` reason code instead of an exception. Tars are read by 
 from __future__ import annotations
 
 import glob
+import json
 import os
 import posixpath
 import stat
@@ -19,7 +20,7 @@ from manifests.raw_sample import (IMAGE_SUFFIXES, InputUnit, RawSample, build_sa
 from manifests.rejected import Rejected
 from manifests.tar_reader import read_tar
 
-__all__ = ["InputUnit", "RawSample", "make_sample_id", "plan_inputs", "read_unit"]
+__all__ = ["InputUnit", "RawSample", "make_sample_id", "plan_inputs", "plan_prompts", "read_unit"]
 
 
 # ---------------------------------------------------------------------------------------------- planning
@@ -33,17 +34,38 @@ def plan_inputs(kind: str, paths: list[str], chunk_size: int) -> list[InputUnit]
         raise ValueError(f"unknown input kind {kind!r}; expected 'webdataset' or 'folder'")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    what = ".tar files" if kind == "webdataset" else "image files"
     found: dict[tuple[str, tuple[str, ...]], None] = {}  # ordered set: a path listed twice is read once
+    for matches in _each_pattern(paths, what, lambda m: _expand(kind, m, chunk_size)):
+        found.update(dict.fromkeys(matches))
+    return [InputUnit(kind, uri, index, members) for index, (uri, members) in enumerate(found)]
+
+
+def plan_prompts(paths: list[str], chunk_size: int, first_index: int = 0) -> list[InputUnit]:
+    """Read units of prompt files (UTF-8, one prompt per non-empty line; paths as in `plan_inputs`): chunks
+    of `chunk_size` prompts, each member the JSON [line number, text], so reading a unit opens no file."""
+    found: dict[str, None] = {}
+    for files in _each_pattern(paths, "prompt files", lambda m: [m] if os.path.isfile(m) else []):
+        found.update(dict.fromkeys(files))
+    units = []
+    for path in found:
+        with open(path, encoding="utf-8", errors="replace") as f:  # a bad byte costs one character, not the file
+            lines = [json.dumps([n, line.strip()], ensure_ascii=False) for n, line in enumerate(f) if line.strip()]
+        units += [InputUnit("prompts", path, first_index + len(units) + i // chunk_size,
+                            tuple(lines[i:i + chunk_size])) for i in range(0, len(lines), chunk_size)]
+    return units
+
+
+def _each_pattern(paths: list[str], what: str, expand) -> Iterator[list]:
+    """`expand(match)` for the matches of each path, brace member and glob; an empty one is an error."""
     for given in paths:
         for pattern in braceexpand(given):
             matches = [pattern] if os.path.exists(pattern) else sorted(glob.glob(pattern, recursive=True))
-            units = [unit for match in matches for unit in _expand(kind, match, chunk_size)]
-            if not units:
-                what = ".tar files" if kind == "webdataset" else "image files"
+            found = [item for match in matches for item in expand(match)]
+            if not found:
                 origin = f" (from {given!r})" if pattern != given else ""
                 raise ValueError(f"no {what} found for input path {pattern!r}{origin}")
-            found.update(dict.fromkeys(units))
-    return [InputUnit(kind, uri, index, members) for index, (uri, members) in enumerate(found)]
+            yield found
 
 
 def _expand(kind: str, match: str, chunk_size: int) -> list[tuple[str, tuple[str, ...]]]:

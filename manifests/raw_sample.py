@@ -41,6 +41,7 @@ class RawSample:
     caption: str | None
     error: tuple[str, str] | None  # (reason_code, message)
     warnings: list[str] = field(default_factory=list)
+    failed: bool = False  # the error is the system's (the row fails), not the input's (it is rejected)
 
 
 def make_sample_id(namespace: str, key: str) -> str:

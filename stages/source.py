@@ -16,15 +16,27 @@ from pydantic import Field, model_validator
 
 from filters.heuristics import quality_score
 from manifests.config import Strict
-from manifests.images import decode_image, encode_jpeg
-from manifests.inputs import InputUnit, RawSample, make_sample_id, plan_inputs, read_unit
-from manifests.rejected import Rejected
-from manifests.schema import LIVE, REJECTED, empty_row
+from manifests.images import decode_image, encode_jpeg, encode_png
+from manifests.inputs import InputUnit, RawSample, make_sample_id, plan_inputs, plan_prompts, read_unit
+from manifests.rejected import ItemFailed, Rejected
+from manifests.schema import FAILED, LIVE, REJECTED, empty_row, stable_seed
 from stages.base import Stage, end_row, to_table
 from workers import sample_images
+from workers.prompt_check import KeywordPromptCheck
+from workers.text_to_image import TextToImage
 
 POSITION_STRIDE = 1_000_000  # position = unit index * stride + ordinal in the unit
 EMIT_EVERY = 8  # rows per yielded batch
+
+
+class SyntheticInput(Strict):
+    """Prompt files whose lines become synthetic sources, drawn by a text-to-image model (reference §1.9–
+    §1.10); their rows join the input's like any sample, with the prompt in their source_meta."""
+
+    paths: list[str]  # UTF-8 text files, one prompt per line; globs and brace patterns
+    chunk_size: int = Field(8, ge=1)  # prompts per read task
+    generator: TextToImage.Config
+    check: KeywordPromptCheck.Config = KeywordPromptCheck.Config()
 
 
 class InputConfig(Strict):
@@ -33,6 +45,7 @@ class InputConfig(Strict):
     n_generated: int = Field(48, ge=0)  # generated scenes added to the bundled sample images
     chunk_size: int = Field(16, ge=1)  # samples per read task for folders and bundled samples
     max_member_bytes: int = Field(64 << 20, ge=1)
+    synthetic: SyntheticInput | None = None  # sources drawn from prompts, in addition to the images
 
     @model_validator(mode="after")
     def _paths(self):
@@ -63,6 +76,8 @@ def plan_units(cfg: InputConfig) -> list[dict]:
         units = [InputUnit("samples", "samples", i, tuple(c)) for i, c in enumerate(chunks)]
     else:
         units = plan_inputs(cfg.kind, list(cfg.paths), cfg.chunk_size)
+    if cfg.synthetic is not None:
+        units += plan_prompts(list(cfg.synthetic.paths), cfg.synthetic.chunk_size, first_index=len(units))
     return [{"kind": u.kind, "uri": u.uri, "index": u.index, "members": list(u.members)} for u in units]
 
 
@@ -84,15 +99,22 @@ class SourceStage(Stage):
         super().__init__(cfg, ctx)
         self.input_cfg, self.source_cfg = cfg
         self.skip = skip  # sample ids already done (resume)
+        synthetic = self.input_cfg.synthetic
+        if synthetic is not None:  # built cheaply; the model loads on the first prompt unit
+            self.generator, self.prompt_check = TextToImage(synthetic.generator), KeywordPromptCheck(synthetic.check)
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
         for unit_row in batch.to_pylist():
             unit = InputUnit(unit_row["kind"], unit_row["uri"], unit_row["index"], tuple(unit_row["members"]))
             rows = []
-            for raw in read_samples(unit, self.input_cfg):
+            samples = self._synthesize(unit) if unit.kind == "prompts" else read_samples(unit, self.input_cfg)
+            while True:
+                start = time.perf_counter()  # reading (or drawing) the sample counts as its time too
+                raw = next(samples, None)
+                if raw is None:
+                    break
                 if raw.sample_id in self.skip:
                     continue
-                start = time.perf_counter()
                 row = self._row(raw, unit)
                 row["t_source"] = time.perf_counter() - start
                 rows.append(row)
@@ -101,6 +123,33 @@ class SourceStage(Stage):
                     rows = []
             if rows:
                 yield self._checked(rows)
+
+    def _synthesize(self, unit: InputUnit) -> Iterator[RawSample]:
+        """The unit's prompts, screened, then drawn in one batch: usable ones become samples with a PNG image
+        and the prompt in their meta; a screened-out prompt is rejected (`invalid_prompt`), a drawing that
+        fails (out of memory) fails its row."""
+        todo, screened = [], {}
+        for ordinal, member in enumerate(unit.members):
+            line, prompt = json.loads(member)
+            sample_id = make_sample_id(unit.uri, f"L{line}")
+            if sample_id in self.skip:
+                continue
+            ok, why = self.prompt_check.check(prompt)
+            if ok:
+                todo.append((ordinal, line, prompt, sample_id))
+            else:
+                screened[ordinal] = RawSample(sample_id, f"{unit.uri}#L{line + 1}", ordinal, None, {"prompt": prompt},
+                                              None, ("invalid_prompt", f"{self.prompt_check.name}: {why}"))
+        images = self.generator.generate([p for _, _, p, _ in todo],
+                                         [stable_seed(self.ctx.seed, s) for *_, s in todo]) if todo else []
+        meta = {"prompt_check": self.prompt_check.name, "generator": self.generator.provenance()}
+        for (ordinal, line, prompt, sample_id), image in zip(todo, images):
+            failed = isinstance(image, ItemFailed)
+            screened[ordinal] = RawSample(
+                sample_id, f"{unit.uri}#L{line + 1}", ordinal, None if failed else encode_png(image),
+                {"prompt": prompt, **meta}, prompt, (image.reason, image.message) if failed else None,
+                failed=failed)
+        return (screened[o] for o in sorted(screened))
 
     def _checked(self, rows: list[dict]) -> pa.Table:
         self._check([r for r in rows if r["status"] == LIVE], self.adds, "adds")
@@ -113,7 +162,8 @@ class SourceStage(Stage):
                    source_uri=raw.source_uri, position=unit.index * POSITION_STRIDE + raw.ordinal,
                    source_meta=json.dumps(meta, ensure_ascii=False, default=str), warnings=list(raw.warnings))
         if raw.error is not None:
-            return end_row(row, REJECTED, self.name, raw.error[0], raw.error[1])
+            status = FAILED if raw.failed else REJECTED
+            return end_row(row, status, self.name, raw.error[0], raw.error[1])
         try:
             return self._decode(row, raw, meta)
         except Rejected as e:

@@ -1,15 +1,19 @@
 """The shipped `tiny-models` recipe end to end through Ray: every model worker runs with tiny random-weight
-checkpoints loaded through from_pretrained, and the corpus, ledger and provenance are those of a real run."""
+checkpoints loaded through from_pretrained (sources drawn from prompts by a tiny FLUX, edits by a tiny
+FLUX.1-Kontext and the classical ops), and the corpus, ledger and provenance are those of a real run."""
 from __future__ import annotations
 
 import json
 from collections import defaultdict
+from pathlib import Path
 
 import pyarrow.parquet as pq
 
 from pipeline.run import run
 from tests.corpus import check_run
 from workers.sample_images import list_samples
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_tiny_models_recipe_runs_every_model_worker(ray_cluster, tmp_path):
@@ -18,7 +22,11 @@ def test_the_tiny_models_recipe_runs_every_model_worker(ray_cluster, tmp_path):
     counts = check_run(run_dir, "tiny")
     assert counts["accepted"] == report["accepted"] > 20
     ledger = pq.read_table(run_dir / "ledger.parquet").to_pylist()
-    assert len({r["sample_id"] for r in ledger}) == len(list_samples(8))
+    prompts = [line for line in (ROOT / "prompts" / "synthetic_prompts.txt").read_text().splitlines() if line.strip()]
+    assert len({r["sample_id"] for r in ledger}) == len(list_samples(8)) + len(prompts)
+    synthetic = [r for r in ledger if "synthetic_prompts.txt#L" in r["source_uri"]]
+    assert {r["reason"] for r in synthetic if r["stage"] == "source"} == {"invalid_prompt"}  # screened out
+    assert any(r["status"] == "accepted" and r["task"] == "subject_driven" for r in synthetic)  # drawn, then edited
 
     per_backend: dict[str, list[float]] = defaultdict(list)
     for shard in sorted((run_dir / "shards").glob("tiny-*.parquet")):

@@ -7,11 +7,12 @@ checkpoint. The parts come from the trainer's tiny models (trainer/tiny_flux.py)
 from __future__ import annotations
 
 import os
+import string
 from pathlib import Path
 
 import torch
 
-from trainer.tiny_flux import flux_components, publish, qwen25vl_parts
+from trainer.tiny_flux import build_tiny_flux, clip_tokenizer, flux_components, publish, qwen25vl_parts
 
 TINY_MODELS_ENV = "X2EDIT_TINY_MODELS"
 DEFAULT_DIR = Path(__file__).resolve().parents[1] / "models"  # gitignored
@@ -23,7 +24,10 @@ def tiny_models_dir() -> Path:
 
 def build_tiny(name: str) -> Path:
     """The folder of the tiny model `name` (built on first use): what `tiny:<name>` in a recipe resolves to."""
-    builders = {"flux-kontext": build_tiny_kontext, "qwen-image-edit": build_tiny_qwen_image_edit}
+    builders = {"flux": lambda: build_tiny_flux(tiny_models_dir() / "tiny-flux"),  # text-to-image sources
+                "flux-kontext": build_tiny_kontext, "qwen-image-edit": build_tiny_qwen_image_edit,
+                "clip": build_tiny_clip, "grounding-dino": build_tiny_grounding_dino, "sam2": build_tiny_sam2,
+                "lama": build_tiny_lama}
     if name not in builders:
         raise ValueError(f"no tiny model {name!r}; there are: {', '.join(sorted(builders))}")
     return builders[name]()
@@ -71,6 +75,126 @@ def build_tiny_qwen_image_edit(path: str | Path | None = None, seed: int = 0) ->
     return publish(path, pipe)
 
 
+# --- the expert removal chain (workers/expert_removal.py) ------------------------------------------------------
+
+def build_tiny_clip(path: str | Path | None = None, seed: int = 0) -> Path:
+    """A CLIPModel (32-px images, width 32) with its processor; the tokenizer is trainer/tiny_flux.py's
+    byte-level BPE without merges, so every tag word tokenises (one token per character). Idempotent."""
+    path = Path(path) if path else tiny_models_dir() / "tiny-clip"
+    if (path / "config.json").exists():
+        return path
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tokenizer = clip_tokenizer()
+    text = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "max_position_embeddings": 77, "bos_token_id": 0, "eos_token_id": 1,
+            "pad_token_id": 1}
+    vision = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 2, "num_attention_heads": 2}
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}),
+                              tokenizer=tokenizer)
+    return publish(path, model, processor)
+
+
+def build_tiny_grounding_dino(path: str | Path | None = None, seed: int = 0) -> Path:
+    """A GroundingDinoForObjectDetection (Swin and BERT of width 16-32, 8 queries) with its processor at 64 px.
+    The BERT word pieces are the tag vocabulary's words plus single letters, so any caption tokenises; built
+    with `BertTokenizer(vocab=...)` (the fast class ignores a vocab file, environment.md). Decoder layers >= 2:
+    one fails to tie the box heads. Idempotent."""
+    path = Path(path) if path else tiny_models_dir() / "tiny-grounding-dino"
+    if (path / "config.json").exists():
+        return path
+    from transformers import (BertConfig, BertTokenizer, GroundingDinoConfig, GroundingDinoForObjectDetection,
+                              GroundingDinoImageProcessor, GroundingDinoProcessor, SwinConfig)
+
+    from workers.expert_removal import load_vocabulary
+
+    words = sorted({word for tag in load_vocabulary().tags for word in tag.en.lower().split()})
+    letters = list(string.ascii_lowercase)
+    pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ","] + letters + [f"##{c}" for c in letters]
+    pieces += [w for w in words if w not in pieces]
+    tokenizer = BertTokenizer(vocab={piece: i for i, piece in enumerate(pieces)})
+    swin = SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
+                      window_size=4, out_features=["stage2", "stage3", "stage4"])
+    bert = BertConfig(vocab_size=len(pieces), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=64, max_position_embeddings=64)
+    config = GroundingDinoConfig(backbone_config=swin, text_config=bert, d_model=32, encoder_layers=1,
+                                 decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=2,
+                                 decoder_attention_heads=2, num_queries=8, max_text_len=32)
+    torch.manual_seed(seed)
+    processor = GroundingDinoProcessor(
+        image_processor=GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 128}),
+        tokenizer=tokenizer)
+    return publish(path, GroundingDinoForObjectDetection(config), processor)
+
+
+def build_tiny_sam2(path: str | Path | None = None, seed: int = 0) -> Path:
+    """A transformers Sam2Model at 256 px (Hiera of widths 8-64, hidden 32) with its processor. A stage's first
+    block pools its queries and needs a window, so the one global-attention block is a stage's second. Idempotent."""
+    path = Path(path) if path else tiny_models_dir() / "tiny-sam2"
+    if (path / "config.json").exists():
+        return path
+    from transformers import Sam2Config, Sam2ImageProcessor, Sam2Model, Sam2Processor
+
+    side, hidden = 256, 32
+    backbone = {"model_type": "sam2_hiera_det_model", "hidden_size": 8, "image_size": [side, side],
+                "blocks_per_stage": [1, 1, 2, 1], "embed_dim_per_stage": [8, 16, 32, 64],
+                "num_attention_heads_per_stage": [1, 1, 1, 1], "window_size_per_stage": [8, 4, 4, 4],
+                "global_attention_blocks": [3], "window_positional_embedding_background_size": [4, 4]}
+    # Feature maps after the ×4 patch embedding and each ×2 query pooling.
+    vision = {"backbone_config": backbone, "backbone_channel_list": [64, 32, 16, 8], "fpn_hidden_size": hidden,
+              "backbone_feature_sizes": [[side // 4, side // 4], [side // 8, side // 8], [side // 16, side // 16]]}
+    config = Sam2Config(vision_config=vision,
+                        prompt_encoder_config={"hidden_size": hidden, "image_size": side, "patch_size": 16},
+                        mask_decoder_config={"hidden_size": hidden, "mlp_dim": 64, "num_attention_heads": 2,
+                                             "iou_head_hidden_dim": 32})
+    torch.manual_seed(seed)
+    processor = Sam2Processor(image_processor=Sam2ImageProcessor(size={"height": side, "width": side}))
+    return publish(path, Sam2Model(config), processor)
+
+
+LAMA_FILE = "big-lama.pt"  # the TorchScript file name lama-cleaner and simple-lama-inpainting use
+
+
+class TinyLama(torch.nn.Module):
+    """big-lama's TorchScript interface: image (B, 3, H, W) in 0..1 and mask (B, 1, H, W) in {0, 1}, both with
+    sides a multiple of 8, give the inpainted image (B, 3, H, W) in 0..1, equal to the input outside the mask.
+    Two random convolutions over the masked image and the mask stand in for the FFC generator."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(4, 16, 3, padding=1), torch.nn.ReLU(),
+                                       torch.nn.Conv2d(16, 3, 3, padding=1))
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        predicted = torch.sigmoid(self.net(torch.cat([image * (1 - mask), mask], dim=1)))
+        return mask * predicted + (1 - mask) * image
+
+
+class _TorchScript:
+    """A module that `publish` saves as a TorchScript file named `name`."""
+
+    def __init__(self, module: torch.nn.Module, name: str) -> None:
+        self.module, self.name = module, name
+
+    def save_pretrained(self, folder: Path) -> None:
+        torch.jit.script(self.module).save(str(folder / self.name))
+
+
+def build_tiny_lama(path: str | Path | None = None, seed: int = 0) -> Path:
+    """A folder holding `big-lama.pt`: TinyLama, scripted. Idempotent."""
+    path = Path(path) if path else tiny_models_dir() / "tiny-lama"
+    if (path / LAMA_FILE).exists():
+        return path
+    torch.manual_seed(seed)
+    return publish(path, _TorchScript(TinyLama().eval(), LAMA_FILE))
+
+
 if __name__ == "__main__":
     print(build_tiny_kontext())
     print(build_tiny_qwen_image_edit())
+    for name in ("clip", "grounding-dino", "sam2", "lama"):
+        print(build_tiny(name))
