@@ -19,16 +19,20 @@ $(VENV)/bin/python:
 	$(PY) -m pip install -q --upgrade pip
 
 # One stamp per set of extras, remade when pyproject.toml changes.
+# PP-OCR ships inside rapidocr-onnxruntime, which requires opencv-python: that would overwrite
+# opencv-contrib-python-headless's cv2/, so it goes in without its dependencies (pyproject lists the others;
+# later pip runs then warn that rapidocr wants opencv-python: deliberate).
 $(VENV)/.base: pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q --no-deps rapidocr-onnxruntime==1.4.4
 	touch $@
-$(VENV)/.models: pyproject.toml | $(VENV)/bin/python
+$(VENV)/.models: pyproject.toml $(VENV)/.base
 	$(PY) -m pip install -q -e '.[models]'
 	touch $@
-$(VENV)/.train: pyproject.toml | $(VENV)/bin/python
+$(VENV)/.train: pyproject.toml $(VENV)/.base
 	$(PY) -m pip install -q -e '.[train]'
 	touch $@
-$(VENV)/.test: pyproject.toml | $(VENV)/bin/python
+$(VENV)/.test: pyproject.toml $(VENV)/.base
 	$(PY) -m pip install -q -e '.[test,train]'
 	touch $@
 

@@ -43,6 +43,7 @@ class InputConfig(Strict):
     kind: Literal["samples", "webdataset", "folder"] = "samples"
     paths: list[str] = []  # tar files / folders, globs allowed
     n_generated: int = Field(48, ge=0)  # generated scenes added to the bundled sample images
+    n_text: int = Field(0, ge=0)  # generated signs with text (for the text-change workflow)
     chunk_size: int = Field(16, ge=1)  # samples per read task for folders and bundled samples
     max_member_bytes: int = Field(64 << 20, ge=1)
     synthetic: SyntheticInput | None = None  # sources drawn from prompts, in addition to the images
@@ -71,7 +72,7 @@ class SourceConfig(Strict):
 def plan_units(cfg: InputConfig) -> list[dict]:
     """The read units of an input, as plain rows (the first dataset of a run)."""
     if cfg.kind == "samples":
-        names = sample_images.list_samples(cfg.n_generated)
+        names = sample_images.list_samples(cfg.n_generated, cfg.n_text)
         chunks = [names[i:i + cfg.chunk_size] for i in range(0, len(names), cfg.chunk_size)]
         units = [InputUnit("samples", "samples", i, tuple(c)) for i, c in enumerate(chunks)]
     else:

@@ -17,7 +17,6 @@ from manifests.ledger import LEDGER_COLUMNS
 from pipeline.recipe import parse_recipe
 from pipeline.report import build_report
 from stages.instruct import target_shares, task_weights
-from workers.classical import TASKS_COVERED
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,13 +70,14 @@ def test_the_report_target_is_the_requested_share_not_the_attempt_weight():
     data = yaml.safe_load((ROOT / "pipeline" / "recipes" / "default-cpu.yaml").read_text())
     data["instruct"]["expected_yield"] = {"background_change": 0.5}
     recipe = parse_recipe(data)
-    targets, weights = target_shares(recipe.instruct, TASKS_COVERED), task_weights(recipe.instruct, TASKS_COVERED)
-    assert targets == dict.fromkeys(recipe.instruct.target_mix, 1 / 8)
+    covered = frozenset(recipe.edit.routes())
+    targets, weights = target_shares(recipe.instruct, covered), task_weights(recipe.instruct, covered)
+    assert targets == dict.fromkeys(recipe.instruct.target_mix, 1 / len(recipe.instruct.target_mix))
     assert weights["background_change"] == 2 * weights["style_change"]  # tried twice as often: yield 0.5
     ledger = pa.Table.from_pylist(
         [{**dict.fromkeys(LEDGER_COLUMNS), "unit_id": f"u{i}", "sample_id": f"s{i}", "pair_id": f"u{i}",
           "status": "accepted", "task": task, "warnings": []} for i, task in enumerate(sorted(targets))])
-    report = build_report(recipe, ledger, [], TASKS_COVERED, targets, weights, [{"wall_s": 1.0}])
+    report = build_report(recipe, ledger, [], covered, targets, weights, [{"wall_s": 1.0}])
     per_task = report["accepted_per_task"]
-    assert {t: v["target_share"] for t, v in per_task.items()} == targets
+    assert {t: v["target_share"] for t, v in per_task.items()} == {t: round(v, 4) for t, v in targets.items()}
     assert per_task["background_change"]["attempt_share"] == round(weights["background_change"] / sum(weights.values()), 4)

@@ -5,6 +5,8 @@ bundled 8-bit colour and grey images are listed here (binary masks, the float ph
 face crops are not photographs). Several are smaller than 512 px; they are kept on purpose, the pipeline
 rejects them for size and records that in its ledger.
 
+Generated signs, labels and posters carry real text for the text-change workflow (workers/text_samples.py).
+
 Generated scenes are license-clean stand-ins for photographs: a sky gradient over textured ground with faint
 clutter, and one clearly salient, shaded coloured object with a soft shadow. Each scene also returns the
 object's ground-truth mask, so segmentation can be measured.
@@ -18,6 +20,8 @@ import cv2
 import numpy as np
 import skimage.data
 
+from workers.text_samples import generate_text_sample
+
 SKIMAGE_IMAGES = ("astronaut", "brick", "camera", "cat", "cell", "checkerboard", "chelsea", "clock", "coffee",
                   "coins", "colorwheel", "grass", "gravel", "hubble_deep_field", "immunohistochemistry", "logo",
                   "microaneurysms", "moon", "page", "retina", "rocket", "stereo_motorcycle", "text")
@@ -26,10 +30,12 @@ SHAPES = ("disc", "ellipse", "rounded_rectangle", "polygon", "blob")
 _SEED_SALT = 20_251_127  # keeps scene seeds apart from other users of small integer seeds
 
 
-def list_samples(n_generated: int) -> list[str]:
-    """Sorted names of the bundled images that load offline plus `n_generated` scenes."""
+def list_samples(n_generated: int, n_text: int = 0) -> list[str]:
+    """Sorted names of the bundled images that load offline, `n_generated` scenes and `n_text` signs with text
+    (workers/text_samples.py, for the text-change workflow)."""
     names = [f"skimage-{fn.replace('_', '-')}" for fn in _available_skimage()]
     names += [f"scene-{index:04d}" for index in range(n_generated)]
+    names += [f"text-{index:04d}" for index in range(n_text)]
     return sorted(names)
 
 
@@ -37,6 +43,8 @@ def load_sample(name: str) -> bytes:
     """PNG bytes of a sample named by `list_samples`."""
     if re.fullmatch(r"scene-\d{4,}", name):
         image, _ = generate_scene(int(name.removeprefix("scene-")))
+    elif re.fullmatch(r"text-\d{4,}", name):
+        image, _ = generate_text_sample(int(name.removeprefix("text-")))
     elif name.startswith("skimage-"):
         image = _skimage_rgb(name.removeprefix("skimage-").replace("-", "_"))
     else:

@@ -1,0 +1,286 @@
+"""Text change on the CPU, gated by OCR: the classical counterpart of the reference's TextFlux expert
+(reference-code.md §1.6), with PP-OCRv4 (the ONNX models inside the rapidocr-onnxruntime wheel) doing both of
+Qwen2.5-VL's jobs there: reading the text to change and checking the result.
+
+Recipe block:
+
+    backend: text
+    min_area: 0.01           # the largest text region must cover >= 1 % of the image (the reference's gate)
+    min_confidence: 0.8      # OCR confidence of that region's string
+    words: text_words.yaml   # replacement words per language: a file in prompts/, or a path
+    languages: [en]          # zh too with a CJK font, e.g. /usr/share/fonts/truetype/wqy/wqy-microhei.ttc
+    font: null               # a TrueType/OpenType file; null: the font inside Pillow (Latin glyphs only)
+    threads: 1               # onnxruntime threads per model: actors of a pool each own a share of the CPUs
+
+propose: OCR the image; keep the largest confident region (a quadrilateral) and its string; choose a new word
+of the same language from the word list (length within 3 characters, letter case matched); write the
+instruction from prompts/text_change.yaml.
+edit: straighten the region; split its pixels into text and background along their main colour axis (Otsu;
+the region's border is background, as the detector pads the text); paint the strokes out with Telea
+inpainting; render the new word where the old one stood (same ink height for the old word in this font,
+narrowed to fit, the old text's colour); then the round trip: OCR the edited image, and the text read inside
+the region must equal the new word after `normalize` (NFKC, case-folded, letters and digits only), else the
+pair is rejected as `text_not_read_back`. Equality, not containment, so a half-erased old word also fails.
+
+Install (rapidocr-onnxruntime requires opencv-python, which would overwrite opencv-contrib's `cv2/`):
+    pip install --no-deps rapidocr-onnxruntime==1.4.4 && pip install pyclipper shapely onnxruntime six
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata
+import importlib.util
+import unicodedata
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+import yaml
+from PIL import Image, ImageDraw, ImageFont
+from pydantic import Field, model_validator
+
+from manifests.config import Strict
+from manifests.rejected import Rejected
+from workers.base import EditOutput, EditRequest, Proposal, Subject
+
+VERSION = "1"
+TASK = "text_change"
+OP = "text.replace"
+OCR_PACKAGE = "rapidocr_onnxruntime"
+MAX_LENGTH_CHANGE = 3  # characters; the reference rejects Chinese rewrites that change length by more
+TEXT_FILL = 0.92  # the new word may span this fraction of the region's width
+Language = Literal["en", "zh"]
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One line of text the OCR found: its quadrilateral (top-left, top-right, bottom-right, bottom-left)."""
+
+    quad: np.ndarray  # float32 (4, 2), x and y in pixels
+    text: str
+    score: float
+
+
+def normalize(text: str) -> str:
+    """The form texts are compared in: NFKC (full-width → ASCII), case-folded, letters and digits only (the
+    recogniser drops spaces and often misreads punctuation)."""
+    return "".join(ch for ch in unicodedata.normalize("NFKC", text).casefold() if ch.isalnum())
+
+
+def language_of(text: str) -> Language | None:
+    """zh for text with Chinese characters (CJK Unified Ideographs), en for Latin letters, else None."""
+    if any("\u4e00" <= ch <= "\u9fff" for ch in text):
+        return "zh"
+    return "en" if any("a" <= ch <= "z" for ch in normalize(text)) else None
+
+
+def choose_word(old: str, words: list[str], rng: np.random.Generator) -> str | None:
+    """A word of the list other than `old`, of similar length, in the old text's letter case; None if none."""
+    key = normalize(old)
+    pool = [w for w in words if normalize(w) != key and abs(len(normalize(w)) - len(key)) <= MAX_LENGTH_CHANGE]
+    if not pool:
+        return None
+    word = str(pool[rng.integers(len(pool))])
+    letters = [ch for ch in old if ch.isalpha()]
+    if letters and all(ch.isupper() for ch in letters):
+        return word.upper()
+    return word[:1].upper() + word[1:] if old[:1].isupper() else word
+
+
+def quad_area(quad: np.ndarray) -> float:
+    return float(cv2.contourArea(quad.astype(np.float32)))
+
+
+def quad_mask(quad: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    mask = np.zeros(shape[:2], np.uint8)
+    cv2.fillPoly(mask, [np.round(quad).astype(np.int32)], 1)
+    return mask.astype(bool)
+
+
+def quad_size(quad: np.ndarray) -> tuple[int, int]:
+    """(width, height) of the straightened region: its longer opposite sides."""
+    top, bottom = np.linalg.norm(quad[1] - quad[0]), np.linalg.norm(quad[2] - quad[3])
+    left, right = np.linalg.norm(quad[3] - quad[0]), np.linalg.norm(quad[2] - quad[1])
+    return max(2, round(max(top, bottom))), max(2, round(max(left, right)))
+
+
+@functools.cache
+def _yaml(name: str) -> dict:
+    """A data file: a path, or the name of a file in prompts/."""
+    path = Path(name)
+    source = path if path.is_absolute() else resources.files("prompts").joinpath(name)
+    return yaml.safe_load(source.read_text("utf-8"))
+
+
+@functools.cache
+def ocr_models() -> dict[str, str]:
+    """The OCR's ONNX files (name → sha256 prefix) as shipped in the installed wheel, for provenance."""
+    spec = importlib.util.find_spec(OCR_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"{OCR_PACKAGE} is not installed: pip install --no-deps rapidocr-onnxruntime==1.4.4 "
+                          "(its opencv-python requirement would replace opencv-contrib's cv2) "
+                          "and pip install pyclipper shapely onnxruntime six")
+    models = Path(spec.submodule_search_locations[0]) / "models"
+    return {path.name: _sha256_prefix(path) for path in sorted(models.glob("*.onnx"))}
+
+
+class TextEditor:
+    backend = "text"
+    follows_instructions = False
+
+    class Config(Strict):
+        backend: Literal["text"] = "text"
+        min_area: float = Field(0.01, gt=0, le=1)
+        min_confidence: float = Field(0.8, ge=0, le=1)
+        words: str = "text_words.yaml"
+        languages: tuple[Language, ...] = ("en",)
+        font: str | None = None
+        threads: int = Field(1, ge=1)
+
+        @model_validator(mode="after")
+        def _cjk_needs_a_font(self) -> TextEditor.Config:
+            if "zh" in self.languages and self.font is None:
+                raise ValueError("languages: zh needs `font`, a file with CJK glyphs (Pillow's own has Latin only)")
+            return self
+
+    def __init__(self, cfg: Config | None = None):
+        self.cfg = cfg or self.Config()
+        self._ocr: Any = None  # RapidOCR, loaded at first use: it is heavy, and covers() must stay cheap
+
+    def covers(self) -> frozenset[str]:
+        return frozenset({TASK})
+
+    def read(self, image: np.ndarray) -> list[Reading]:
+        """Every line of text the OCR reads in an RGB image, in reading order."""
+        if self._ocr is None:
+            ocr_models()  # says how to install the OCR when it is missing
+            from rapidocr_onnxruntime import RapidOCR
+            self._ocr = RapidOCR(intra_op_num_threads=self.cfg.threads)
+        lines, _ = self._ocr(np.ascontiguousarray(image[..., ::-1]))  # it takes arrays as BGR
+        return [Reading(np.float32(quad), text, float(score)) for quad, text, score in lines or []]
+
+    def propose(self, task: str, image: np.ndarray, subject: Subject | None,
+                rng: np.random.Generator) -> Proposal | None:
+        if task != TASK:
+            return None
+        readings = [r for r in self.read(image) if r.score >= self.cfg.min_confidence and normalize(r.text)]
+        if not readings:
+            return None
+        region = max(readings, key=lambda r: quad_area(r.quad))
+        width, height = quad_size(region.quad)
+        if quad_area(region.quad) < self.cfg.min_area * image.shape[0] * image.shape[1] or height > width:
+            return None  # too small to matter, or vertical text (the renderer writes one horizontal line)
+        language = language_of(region.text)
+        if language not in self.cfg.languages:
+            return None
+        new = choose_word(region.text, _yaml(self.cfg.words)[language], rng)
+        if new is None:
+            return None
+        templates = _yaml("text_change.yaml")["instructions"]
+        template = templates[rng.integers(len(templates))]
+        old = region.text.strip()
+        return Proposal(task=TASK, op=OP,
+                        params={"quad": np.round(region.quad, 1).tolist(), "old": old, "new": new,
+                                "language": language, "ocr_score": round(region.score, 4)},
+                        instruction_en=template["en"].format(old=old, new=new),
+                        instruction_zh=template["zh"].format(old=old, new=new))
+
+    def edit(self, images: list[np.ndarray], requests: list[EditRequest]) -> list[EditOutput | Rejected]:
+        return [self._one(image, request) for image, request in zip(images, requests)]
+
+    def _one(self, image: np.ndarray, request: EditRequest) -> EditOutput | Rejected:
+        if request.op != OP:
+            raise KeyError(f"text editor has no op {request.op!r}")
+        quad, old, new = np.float32(request.params["quad"]), request.params["old"], request.params["new"]
+        width, height = quad_size(quad)
+        rect = np.float32([[0, 0], [width, 0], [width, height], [0, height]])
+        to_rect = cv2.getPerspectiveTransform(quad, rect)
+        crop = cv2.warpPerspective(image, to_rect, (width, height), flags=cv2.INTER_LINEAR,
+                                   borderMode=cv2.BORDER_REPLICATE)
+        strokes = _strokes(crop)
+        if not strokes.any():
+            return Rejected("text_strokes_not_found", f"no text pixels inside the region of {old!r}")
+        core = cv2.erode(strokes.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0  # away from anti-aliasing
+        colour = np.median(crop[core if core.any() else strokes], axis=0)
+
+        h, w = image.shape[:2]
+        to_image = np.linalg.inv(to_rect)
+        ys, xs = np.nonzero(strokes)
+        halo = max(2, (ys.max() - ys.min()) // 10)  # the anti-aliased and compressed edges of the old glyphs
+        grow = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * halo + 1, 2 * halo + 1))
+        hole = cv2.dilate(cv2.warpPerspective(strokes.astype(np.uint8), to_image, (w, h), flags=cv2.INTER_NEAREST),
+                          grow)
+        # The detector's box can touch the glyphs; grown by the halo it holds every pixel the edit changes.
+        region = cv2.dilate(quad_mask(quad, image.shape).astype(np.uint8), grow) > 0
+        # Telea fills the thin strokes smoothly from their edges. classical_region.remove_subject would borrow
+        # texture from a neighbouring patch, and beside a line of text that is often more text (ghost letters).
+        clean = cv2.inpaint(image, hole * region.astype(np.uint8), 3, cv2.INPAINT_TELEA)  # RGB order is moot
+
+        glyphs = self._render(old, new, (xs.min(), ys.min(), xs.max(), ys.max()), width, height)
+        alpha = cv2.warpPerspective(glyphs, to_image, (w, h), flags=cv2.INTER_LINEAR) * region
+        alpha = alpha[..., None] / 255.0
+        edited = np.clip(clean * (1 - alpha) + colour * alpha, 0, 255).round().astype(np.uint8)
+
+        read = "".join(r.text for r in self.read(edited) if _inside(r.quad, region))
+        if normalize(read) != normalize(new):
+            return Rejected("text_not_read_back", f"OCR read {read!r} in the region, expected {new!r}")
+        return EditOutput(source=image, edited=edited, mask=region)
+
+    def _render(self, old: str, new: str, ink: tuple[int, int, int, int], width: int, height: int) -> np.ndarray:
+        """uint8 coverage (height, width) of `new` in the straightened region, centred on the old ink box."""
+        x0, y0, x1, y1 = ink
+        # The size at which this font draws the OLD text as tall as it stood: it keeps the letter size even
+        # when the words differ in ascenders and descenders.
+        probe = 100
+        _, old_top, _, old_bottom = self._font(probe).getbbox(old, anchor="ls")
+        left, top, right, bottom = self._font(probe).getbbox(new, anchor="ls")
+        size = probe * min((y1 - y0 + 1) / max(old_bottom - old_top, 1), TEXT_FILL * width / max(right - left, 1))
+        font = self._font(max(1, round(size)))
+        left, top, right, bottom = font.getbbox(new, anchor="ls")
+        origin = ((x0 + x1 - left - right) / 2, (y0 + y1 - top - bottom) / 2)
+        canvas = Image.new("L", (width, height), 0)
+        ImageDraw.Draw(canvas).text(origin, new, font=font, fill=255, anchor="ls")
+        return np.asarray(canvas)
+
+    def _font(self, size: int) -> ImageFont.FreeTypeFont:
+        if self.cfg.font is None:
+            return ImageFont.load_default(size=size)
+        return ImageFont.truetype(self.cfg.font, size)
+
+    def provenance(self) -> dict:
+        font = self._font(12)
+        return {"worker": self.backend, "version": VERSION,
+                "ocr": {"package": f"rapidocr-onnxruntime {importlib.metadata.version('rapidocr-onnxruntime')}",
+                        "models": ocr_models()},
+                "font": {"name": " ".join(font.getname()),
+                         "file": self.cfg.font or f"bundled with Pillow {importlib.metadata.version('pillow')}",
+                         "sha256": _sha256_prefix(self.cfg.font) if self.cfg.font else None},
+                "chooser": "word_list", "words": self.cfg.words, "languages": list(self.cfg.languages),
+                "round_trip": "normalized OCR text in the region == new text"}
+
+
+def _strokes(crop: np.ndarray) -> np.ndarray:
+    """bool mask of the text pixels of a straightened text region."""
+    pixels = crop.reshape(-1, 3).astype(np.float32)
+    centred = pixels - pixels.mean(0)
+    _, axes = np.linalg.eigh(centred.T @ centred)
+    # Projected on the main colour axis, text and background separate even when their brightness is alike.
+    projected = cv2.normalize(centred @ axes[:, -1], None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    _, split = cv2.threshold(projected, 0, 1, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    split = split.reshape(crop.shape[:2]).astype(bool)
+    border = np.ones_like(split)
+    border[1:-1, 1:-1] = False
+    return ~split if split[border].mean() > 0.5 else split
+
+
+def _inside(quad: np.ndarray, region: np.ndarray) -> bool:
+    x, y = np.clip(quad.mean(0).round().astype(int), 0, np.array(region.shape[::-1]) - 1)
+    return bool(region[y, x])
+
+
+def _sha256_prefix(path: Path | str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
