@@ -33,10 +33,11 @@ from workers.api_editor import ApiEditor
 from workers.base import EditOutput, EditRequest, Editor, Subject
 from workers.classical_editor import ClassicalEditor
 from workers.diffusers_editor import DiffusersEditor
+from workers.expert_removal import ExpertRemovalEditor
 from workers.text_editor import TextEditor
 
 EDITORS: dict[str, type[Editor]] = {cls.backend: cls for cls in (ClassicalEditor, DiffusersEditor, ApiEditor,
-                                                               TextEditor)}
+                                                               TextEditor, ExpertRemovalEditor)}
 _CONFIGS = tuple(cls.Config for cls in EDITORS.values())
 EditorConfig = Annotated[Union[_CONFIGS], Field(discriminator="backend")] if len(_CONFIGS) > 1 else _CONFIGS[0]
 

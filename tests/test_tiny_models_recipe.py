@@ -24,7 +24,7 @@ def test_the_tiny_models_recipe_runs_every_model_worker(ray_cluster, tmp_path):
     assert counts["accepted"] == report["accepted"] > 20
     ledger = pq.read_table(run_dir / "ledger.parquet").to_pylist()
     prompts = [line for line in (ROOT / "prompts" / "synthetic_prompts.txt").read_text().splitlines() if line.strip()]
-    assert len({r["sample_id"] for r in ledger}) == len(list_samples(8, 4)) + len(prompts)
+    assert len({r["sample_id"] for r in ledger}) == len(list_samples(8, 8)) + len(prompts)
     synthetic = [r for r in ledger if "synthetic_prompts.txt#L" in r["source_uri"]]
     assert {r["reason"] for r in synthetic if r["stage"] == "source"} == {"invalid_prompt"}  # screened out
     assert any(r["status"] == "accepted" and r["task"] == "subject_driven" for r in synthetic)  # drawn, then edited
@@ -33,7 +33,7 @@ def test_the_tiny_models_recipe_runs_every_model_worker(ray_cluster, tmp_path):
     for shard in sorted((run_dir / "shards").glob("tiny-*.parquet")):
         for row in pq.read_table(shard).to_pylist():
             per_backend[row["editor"].split(":")[0]].append(row["pair_id"])
-    assert set(per_backend) == {"classical", "kontext", "text"}
+    assert set(per_backend) == {"classical", "kontext", "text", "expert"}
 
     from manifests.inspect import open_run
     from manifests.show import show_pair

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Generic, TypeVar
+from typing import Callable, ClassVar, Generic, TypeVar
 
 from manifests.rejected import ItemFailed
 
@@ -156,3 +156,41 @@ def library_versions(*names: str) -> dict[str, str | None]:
             found[name] = None
     return found
 
+
+
+class TransformersPair:
+    """A transformers model and its processor, by hub id or folder, loaded once on first use (`pair()`), on
+    the actor's device in the recipe's dtype, weights as safetensors. Subclasses name the two classes and may
+    extend `_load` (e.g. to precompute embeddings) and `provenance`."""
+
+    model_class: ClassVar[str]  # e.g. "Sam2Model"
+    processor_class: ClassVar[str]  # e.g. "Sam2Processor"
+
+    def __init__(self, model: str, revision: str | None, dtype: str) -> None:
+        """Loads nothing."""
+        self.model_name, self.revision, self.dtype = model, revision, dtype
+        self._source: ModelSource | None = None
+        self._model = LazyModel(self._load)
+
+    def _load(self) -> tuple:
+        transformers = need("transformers")
+        self._source = resolve_model(self.model_name, self.revision)
+        device = pick_device()
+        model = getattr(transformers, self.model_class).from_pretrained(
+            self._source.path, dtype=torch_dtype(self.dtype, device), use_safetensors=True)
+        processor = getattr(transformers, self.processor_class).from_pretrained(self._source.path)
+        return model.to(device).eval(), processor
+
+    def pair(self) -> tuple:
+        return self._model.get()
+
+    @property
+    def load_seconds(self) -> float | None:
+        return self._model.load_seconds
+
+    def provenance(self) -> dict:
+        """Model, resolved revision, and the dtype and device really used (the recipe's until it loads)."""
+        loaded = self._model.model
+        return {"model": self.model_name, "revision": (self._source and self._source.revision) or self.revision,
+                "dtype": str(loaded[0].dtype).removeprefix("torch.") if loaded else self.dtype,
+                "device": loaded[0].device.type if loaded else None}

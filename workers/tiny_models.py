@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from trainer.tiny_flux import build_tiny_flux, clip_tokenizer, flux_components, publish, qwen25vl_parts
+from workers.lama import LAMA_FILE
 
 TINY_MODELS_ENV = "X2EDIT_TINY_MODELS"
 DEFAULT_DIR = Path(__file__).resolve().parents[1] / "models"  # gitignored
@@ -100,17 +101,18 @@ def build_tiny_clip(path: str | Path | None = None, seed: int = 0) -> Path:
 
 
 def build_tiny_grounding_dino(path: str | Path | None = None, seed: int = 0) -> Path:
-    """A GroundingDinoForObjectDetection (Swin and BERT of width 16-32, 8 queries) with its processor at 64 px.
-    The BERT word pieces are the tag vocabulary's words plus single letters, so any caption tokenises; built
-    with `BertTokenizer(vocab=...)` (the fast class ignores a vocab file, environment.md). Decoder layers >= 2:
-    one fails to tie the box heads. Idempotent."""
+    """A GroundingDinoForObjectDetection (Swin and BERT of widths 16-32, 3 queries) with its processor at 128 px
+    (at 64 the coarsest feature level is 1×1, which its GroupNorm refuses). The BERT word pieces are the tag
+    vocabulary's words plus single letters, so any caption tokenises; built with `BertTokenizer(vocab=...)` (the
+    fast class ignores a vocab file, environment.md). Decoder layers >= 2: one fails to tie the box heads.
+    Idempotent."""
     path = Path(path) if path else tiny_models_dir() / "tiny-grounding-dino"
     if (path / "config.json").exists():
         return path
     from transformers import (BertConfig, BertTokenizer, GroundingDinoConfig, GroundingDinoForObjectDetection,
                               GroundingDinoImageProcessor, GroundingDinoProcessor, SwinConfig)
 
-    from workers.expert_removal import load_vocabulary
+    from workers.clip_tagger import load_vocabulary
 
     words = sorted({word for tag in load_vocabulary().tags for word in tag.en.lower().split()})
     letters = list(string.ascii_lowercase)
@@ -121,19 +123,22 @@ def build_tiny_grounding_dino(path: str | Path | None = None, seed: int = 0) -> 
                       window_size=4, out_features=["stage2", "stage3", "stage4"])
     bert = BertConfig(vocab_size=len(pieces), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                       intermediate_size=64, max_position_embeddings=64)
+    # Three queries: random boxes each get a random SAM mask, and the union of few stays below the whole image.
     config = GroundingDinoConfig(backbone_config=swin, text_config=bert, d_model=32, encoder_layers=1,
-                                 decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=2,
-                                 decoder_attention_heads=2, num_queries=8, max_text_len=32)
+                                 decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                 encoder_attention_heads=2, decoder_attention_heads=2, num_queries=3,
+                                 max_text_len=32)
     torch.manual_seed(seed)
     processor = GroundingDinoProcessor(
-        image_processor=GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 128}),
+        image_processor=GroundingDinoImageProcessor(size={"shortest_edge": 128, "longest_edge": 256}),
         tokenizer=tokenizer)
     return publish(path, GroundingDinoForObjectDetection(config), processor)
 
 
 def build_tiny_sam2(path: str | Path | None = None, seed: int = 0) -> Path:
     """A transformers Sam2Model at 256 px (Hiera of widths 8-64, hidden 32) with its processor. A stage's first
-    block pools its queries and needs a window, so the one global-attention block is a stage's second. Idempotent."""
+    block pools its queries and needs a window, so the one global-attention block is a stage's second.
+    Idempotent."""
     path = Path(path) if path else tiny_models_dir() / "tiny-sam2"
     if (path / "config.json").exists():
         return path
@@ -154,9 +159,6 @@ def build_tiny_sam2(path: str | Path | None = None, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     processor = Sam2Processor(image_processor=Sam2ImageProcessor(size={"height": side, "width": side}))
     return publish(path, Sam2Model(config), processor)
-
-
-LAMA_FILE = "big-lama.pt"  # the TorchScript file name lama-cleaner and simple-lama-inpainting use
 
 
 class TinyLama(torch.nn.Module):
