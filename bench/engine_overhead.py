@@ -105,7 +105,7 @@ def engine_run(inputs: list[Path], run_dir: Path, shard_size: int, colocate: boo
     ds = engine.apply_stage(ray.data.from_items(units, override_num_blocks=len(units)), RawSource, None, ctx,
                             recipe.resources.source)
     if colocate:  # the three stages in one actor pool, as `resources.colocate` does
-        ds = engine.apply_stage(ds, StageGroup, [(cls, None) for cls in IDENTITIES.values()], ctx,
+        ds = engine.apply_stage(ds, StageGroup, [(cls, None, {}) for cls in IDENTITIES.values()], ctx,
                                 recipe.resources.instruct)
     else:
         for stage, cls in IDENTITIES.items():

@@ -7,6 +7,7 @@ that it finished the whole plan. Either way the pack stage reads `stages/score`.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -16,7 +17,7 @@ from ray.data import ActorPoolStrategy
 
 from tqdm import tqdm
 
-from manifests.commit import discard_uncommitted
+from manifests.commit import atomic_write_bytes, discard_uncommitted
 from manifests.fragments import done_ids, read_units, write_fragment
 from manifests.ledger import build_ledger
 from manifests.schema import COLUMNS, META_COLUMNS, ROW_STAGES
@@ -24,11 +25,12 @@ from manifests.shards import committed_shards, discard_orphan_tars
 from pipeline.stage_state import finish, previous_stage, stage_dir
 from stages.base import Resources, StageContext, StageGroup
 from stages.edit import EditStage
-from stages.instruct import InstructStage
+from stages.instruct import InstructStage, window_weights
 from stages.pack import PackStage, plan_shards
 from stages.score import ScoreStage
-from stages.source import SourceStage, plan_units
+from stages.source import POSITION_STRIDE, SourceStage, plan_units
 
+BALANCE_FILE = "balance.json"  # closed loop: each window's weights and yield estimates
 STAGE_CLASSES = {cls.name: cls for cls in (SourceStage, InstructStage, EditStage, ScoreStage)}
 assert tuple(STAGE_CLASSES) == ROW_STAGES
 
@@ -60,30 +62,58 @@ def sink(ds: ray.data.Dataset, out: Path, rows: int) -> int:
     return sum(r["rows"] for r in written.iter_rows())
 
 
-def source_dataset(recipe, ctx: StageContext, done: set[str]) -> ray.data.Dataset:
-    units = plan_units(recipe.input)
+def source_dataset(recipe, ctx: StageContext, done: set[str], units: list[dict]) -> ray.data.Dataset:
     ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
     return apply_stage(ds, SourceStage, stage_config(recipe, "source"), ctx, recipe.resources.source,
                        skip=frozenset(done))
 
 
 def run_fused(recipe, ctx: StageContext, run_dir: Path) -> int:
-    """source → instruct → edit → score in one streaming job; returns rows committed by this invocation."""
+    """source → instruct → edit → score streamed as one job (open loop), or one job per window of input units
+    (closed-loop balancing: each window's task weights come from the committed outcomes of the earlier
+    windows); returns the rows committed by this invocation."""
     out = stage_dir(run_dir, "score")
-    ds = source_dataset(recipe, ctx, done_ids(out))
+    units = plan_units(recipe.input)
+    balance = recipe.instruct.balance
+    if balance.mode == "open_loop":
+        written = _chain(recipe, ctx, out, units, None)
+    else:
+        written, log = 0, []
+        for start in range(0, len(units), balance.window):
+            window = units[start:start + balance.window]
+            weights, yields = _window_weights(recipe, out, window, units_before=start)
+            log.append({"window": len(log), "units": [u["index"] for u in window],
+                        "weights": {t: round(w, 4) for t, w in sorted(weights.items())},
+                        "yield_estimates": {t: round(y, 4) for t, y in sorted(yields.items())}})
+            written += _chain(recipe, ctx, out, window, weights)
+        atomic_write_bytes(Path(run_dir) / BALANCE_FILE, json.dumps(log, indent=1).encode())
+    finish(run_dir, "score")  # the chain ran to its end over the whole input
+    return written
+
+
+def _window_weights(recipe, out: Path, window: list[dict], units_before: int) -> tuple[dict, dict]:
+    """The window's weights from the scored rows of the units before it (all committed: each window finishes
+    before the next starts, so a resumed run computes the same weights)."""
+    first = window[0]["index"] * POSITION_STRIDE
+    rows = read_units(out, columns=["unit_id", "task", "status", "position"]).to_pylist()
+    scored = [r for r in rows if r.get("position") is not None and r["position"] < first]
+    return window_weights(recipe.instruct, frozenset(recipe.edit.routes()), scored, units_before, len(window))
+
+
+def _chain(recipe, ctx: StageContext, out: Path, units: list[dict], weights: dict | None) -> int:
+    ds = source_dataset(recipe, ctx, done_ids(out), units)
     together = recipe.resources.colocate
+    extra = {"instruct": {"weights": weights}}  # the window's task weights (closed loop)
     for stage in ROW_STAGES[1:]:
         if stage in together[1:]:
             continue  # runs inside the group of together[0]
         if stage in together:
-            members = [(STAGE_CLASSES[s], stage_config(recipe, s)) for s in together]
+            members = [(STAGE_CLASSES[s], stage_config(recipe, s), extra.get(s, {})) for s in together]
             ds = apply_stage(ds, StageGroup, members, ctx, getattr(recipe.resources, stage))
         else:
             ds = apply_stage(ds, STAGE_CLASSES[stage], stage_config(recipe, stage), ctx,
-                             getattr(recipe.resources, stage))
-    written = sink(ds, out, recipe.commit_rows)
-    finish(run_dir, "score")  # the chain ran to its end over the whole input
-    return written
+                             getattr(recipe.resources, stage), **extra.get(stage, {}))
+    return sink(ds, out, recipe.commit_rows)
 
 
 def load_fragment_rows(batch: pa.Table) -> pa.Table:
@@ -100,7 +130,7 @@ def run_stage(recipe, ctx: StageContext, run_dir: Path, stage: str) -> int:
     out = stage_dir(run_dir, stage)
     done = done_ids(out)
     if stage == "source":
-        written = sink(source_dataset(recipe, ctx, done), out, recipe.commit_rows)
+        written = sink(source_dataset(recipe, ctx, done, plan_units(recipe.input)), out, recipe.commit_rows)
         finish(run_dir, stage)
         return written
     previous = stage_dir(run_dir, previous_stage(stage))

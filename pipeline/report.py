@@ -14,8 +14,10 @@ from manifests.taxonomy import TASKS
 
 
 def build_report(recipe, ledger: pa.Table, shards: list[dict], covered: frozenset[str],
-                 targets: dict[str, float], weights: dict[str, float], walls: list[dict]) -> dict:
-    """`targets`: the accepted share the recipe asks for per task; `weights`: how often each is attempted."""
+                 targets: dict[str, float], weights: dict[str, float], walls: list[dict],
+                 balance: list[dict] = ()) -> dict:
+    """`targets`: the accepted share the recipe asks for per task; `weights`: how often each is attempted
+    open loop; `balance`: each window's weights and yield estimates in a closed-loop run."""
     status = Counter(ledger.column("status").to_pylist())
     accepted_tasks = Counter(t for t, s in zip(ledger.column("task").to_pylist(),
                                                ledger.column("status").to_pylist()) if s == ACCEPTED)
@@ -40,6 +42,7 @@ def build_report(recipe, ledger: pa.Table, shards: list[dict], covered: frozense
         "busy_seconds_per_stage": busy, "wall_seconds": wall, "invocations": walls,
         "pairs_per_second": round(accepted / wall, 3) if wall else None,
         "input_warnings": dict(warnings),
+        "balance": list(balance),
     }
 
 
@@ -62,6 +65,12 @@ def render_markdown(report: dict) -> str:
         lines.append(f"| {task} | {v['accepted']} | {v['share']:.1%} | {v['target_share']:.1%} "
                      f"| {v['attempt_share']:.1%} |")
     lines += ["", "Tasks not covered by the configured editors: " + (", ".join(report["tasks_not_covered"]) or "none")]
+    if report.get("balance"):
+        lines += ["", "## Closed-loop balancing: yield estimate per task before each window", "",
+                  "| window | " + " | ".join(report["balance"][0]["yield_estimates"]) + " |",
+                  "|---|" + "---|" * len(report["balance"][0]["yield_estimates"])]
+        lines += [f"| {w['window']} | " + " | ".join(f"{y:.2f}" for y in w["yield_estimates"].values()) + " |"
+                  for w in report["balance"]]
     if report["input_warnings"]:
         lines += ["", "Input warnings: " + ", ".join(f"{k} {v}" for k, v in report["input_warnings"].items())]
     return "\n".join(lines) + "\n"

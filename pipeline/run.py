@@ -67,6 +67,10 @@ def run(recipe_spec: str, run_dir: str, stage: str | None = None, address: str |
     """The fused run (stage None) or one stage; returns the run report once the corpus is packed."""
     recipe = load_recipe(recipe_spec)
     root = Path(run_dir).resolve()
+    if stage == "instruct" and recipe.instruct.balance.mode == "closed_loop":
+        raise RecipeError(f"{resolve_path(recipe_spec)}: instruct.balance.mode: closed_loop needs the fused run "
+                          "(each window's task weights come from the scored pairs of the earlier windows); run "
+                          "without --stage, or use open_loop for per-stage jobs")
     if stage in (None, "source"):
         check_inputs(recipe, recipe_spec)
     else:
@@ -89,8 +93,10 @@ def run(recipe_spec: str, run_dir: str, stage: str | None = None, address: str |
     write_ledger(root, ledger, completion_records(root))
     walls = _log_invocation(root, stage or "fused", time.perf_counter() - start)
     covered = frozenset(recipe.edit.routes())
+    balance = root / engine.BALANCE_FILE
     report = build_report(recipe, ledger, shards, covered, target_shares(recipe.instruct, covered),
-                          task_weights(recipe.instruct, covered), walls)
+                          task_weights(recipe.instruct, covered), walls,
+                          json.loads(balance.read_text()) if balance.exists() else [])
     print(write_report(root, report))
     print(f"[x2edit] HTML report: {write_html_report(root)}")
     return report

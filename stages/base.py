@@ -133,8 +133,9 @@ class StageGroup:
     Ray's object store and another actor pool. Worth it on small CPU machines (see bench/README.md); keep
     stages with different resources (a GPU editor, a CPU scorer) apart. Each stage keeps its contract."""
 
-    def __init__(self, cfg: list[tuple[type, object]], ctx: StageContext):
-        self.stages = [cls(stage_cfg, ctx) for cls, stage_cfg in cfg]
+    def __init__(self, cfg: list[tuple[type, object, dict]], ctx: StageContext):
+        """`cfg`: per stage, its class, its config and its extra keyword arguments."""
+        self.stages = [cls(stage_cfg, ctx, **kwargs) for cls, stage_cfg, kwargs in cfg]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         for stage in self.stages:

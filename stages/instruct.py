@@ -13,13 +13,16 @@ the drawn editor cannot make the pair, the task's next editor is asked. The edit
 from __future__ import annotations
 
 import json
+from typing import Literal
+
 import numpy as np
 from pydantic import Field, field_validator
 
+from manifests.balance import Outcomes, closed_loop_weights
 from manifests.config import Strict
 from manifests.images import encode_mask
 from manifests.mix import smooth_wrr
-from manifests.schema import REJECTED, make_pair_id, stable_seed
+from manifests.schema import LIVE, REJECTED, make_pair_id, stable_seed
 from manifests.taxonomy import task_by_name
 from stages.base import Stage, decode_own, end_row
 from stages.edit import EditConfig, editor_order
@@ -36,12 +39,22 @@ class SubjectGate(Strict):
     max_area: float = Field(0.35, ge=0, le=1)
 
 
+class Balance(Strict):
+    """open_loop: attempts split as target / expected yield, fixed. closed_loop: the fused run proceeds in
+    windows of `window` input read units, and each window's split comes from the accepted and rejected pairs
+    of the earlier windows (manifests/balance.py), so the accepted mix follows the target whatever the yields."""
+
+    mode: Literal["open_loop", "closed_loop"] = "open_loop"
+    window: int = Field(4, ge=1)
+
+
 class InstructConfig(Strict):
     backend: str = "rule_based"  # a name in INSTRUCTORS
     tasks_per_source: int = Field(3, ge=1, le=15)
     target_mix: dict[str, float] = {}  # task → weight; empty = equal over the tasks the editor covers
     expected_yield: dict[str, float] = {}  # task → expected acceptance rate in (0, 1]
     subject: SubjectGate = SubjectGate()
+    balance: Balance = Balance()
 
     @field_validator("backend")
     @classmethod
@@ -76,6 +89,19 @@ def task_weights(cfg: InstructConfig, covered: frozenset[str]) -> dict[str, floa
     return {t: share / max(cfg.expected_yield.get(t, 1.0), 1e-3) for t, share in target_shares(cfg, covered).items()}
 
 
+def window_weights(cfg: InstructConfig, covered: frozenset[str], scored: list[dict], units_before: int,
+                   units_in_window: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Closed loop: (attempt weights, yield estimates) for the next window from the scored rows of the earlier
+    windows (task, status). A pair counts as accepted when the score stage left it live."""
+    outcomes = Outcomes()
+    for row in scored:
+        if row["task"] is not None:
+            outcomes.add(row["task"], row["status"] == LIVE)
+    attempted = sum(outcomes.attempted.values())
+    per_unit = attempted / units_before if attempted else cfg.tasks_per_source
+    return closed_loop_weights(target_shares(cfg, covered), outcomes, cfg.expected_yield, per_unit * units_in_window)
+
+
 def preference(sequence: list[str], position: int, k: int) -> list[str]:
     """Tasks in the order a sample at this position should try them (each task once)."""
     order: list[str] = []
@@ -92,11 +118,14 @@ class InstructStage(Stage):
     requires = ("src", "position")
     adds = ("pair_id", "task", "task_id", "op", "params", "instruction_en", "instruction_zh", "seed", "editor")
 
-    def __init__(self, cfg: tuple[InstructConfig, EditConfig], ctx):
+    def __init__(self, cfg: tuple[InstructConfig, EditConfig], ctx, weights: dict[str, float] | None = None):
+        """`cfg`: the instruct and edit blocks; `weights`: this window's task weights (closed loop), else the
+        open-loop ones."""
         super().__init__(cfg, ctx)
         self.instruct_cfg, edit_cfg = cfg
         self.routes, self.editors = edit_cfg.routes(), edit_cfg.build()
-        self.sequence = smooth_wrr(task_weights(self.instruct_cfg, frozenset(self.routes)), SEQUENCE_LENGTH)
+        weights = weights or task_weights(self.instruct_cfg, frozenset(self.routes))
+        self.sequence = smooth_wrr(weights, SEQUENCE_LENGTH)
         gate = self.instruct_cfg.subject
         self.worker = INSTRUCTORS[self.instruct_cfg.backend](gate.min_area, gate.max_area)
 

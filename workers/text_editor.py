@@ -1,6 +1,7 @@
-"""Text change on the CPU, gated by OCR: the classical counterpart of the reference's TextFlux expert
-(reference-code.md §1.6), with PP-OCRv4 (the ONNX models inside the rapidocr-onnxruntime wheel) doing both of
-Qwen2.5-VL's jobs there: reading the text to change and checking the result.
+"""Text change gated by OCR, after the reference's TextFlux expert (reference-code.md §1.6): the region is
+re-drawn on the CPU (renderer classical) or by a FluxFillPipeline such as TextFlux (renderer fill), and PP-OCRv4
+(the ONNX models inside the rapidocr-onnxruntime wheel) does both of Qwen2.5-VL's jobs there: reading the text
+to change and checking the result.
 
 Recipe block:
 
@@ -11,16 +12,22 @@ Recipe block:
     languages: [en]          # zh too with a CJK font, e.g. /usr/share/fonts/truetype/wqy/wqy-microhei.ttc
     font: null               # a TrueType/OpenType file; null: the font inside Pillow (Latin glyphs only)
     threads: 1               # onnxruntime threads per model: actors of a pool each own a share of the CPUs
+    renderer: classical      # or fill: a FluxFillPipeline re-draws the region (TextFlux, §1.6), with a `fill:`
+                             # block (workers/text_fill.py)
 
 propose: OCR the image; keep the largest confident region (a quadrilateral) and its string; choose a new word
 of the same language from the word list (length within 3 characters, letter case matched); write the
 instruction from prompts/text_change.yaml.
-edit: straighten the region; split its pixels into text and background along their main colour axis (Otsu;
-the region's border is background, as the detector pads the text); paint the strokes out with Telea
-inpainting; render the new word where the old one stood (same ink height for the old word in this font,
-narrowed to fit, the old text's colour); then the round trip: OCR the edited image, and the text read inside
-the region must equal the new word after `normalize` (NFKC, case-folded, letters and digits only), else the
-pair is rejected as `text_not_read_back`. Equality, not containment, so a half-erased old word also fails.
+edit, renderer classical: straighten the region; split its pixels into text and background along their main
+colour axis (Otsu; the region's border is background, as the detector pads the text); paint the strokes out with
+Telea inpainting; render the new word where the old one stood (same ink height for the old word in this font,
+narrowed to fit, the old text's colour).
+edit, renderer fill: the new word's glyph template (TextFlux's layout) is warped onto the region at the model's
+edit size, and the pipeline re-draws the region from it; the result replaces the source inside the region only
+(workers/text_fill.py).
+Either way the round trip follows: OCR the edited image, and the text read inside the region must equal the new
+word after `normalize` (NFKC, case-folded, letters and digits only), else the pair is rejected as
+`text_not_read_back`. Equality, not containment, so a half-erased old word also fails.
 
 Install (rapidocr-onnxruntime requires opencv-python, which would overwrite opencv-contrib's `cv2/`):
     pip install --no-deps rapidocr-onnxruntime==1.4.4 && pip install pyclipper shapely onnxruntime six
@@ -46,6 +53,8 @@ from pydantic import Field, model_validator
 from manifests.config import Strict
 from manifests.rejected import Rejected
 from workers.base import EditOutput, EditRequest, Proposal, Subject
+from workers.model_lifecycle import ItemFailed
+from workers.text_fill import FillConfig, FillJob, TextFill, glyph_template
 
 VERSION = "1"
 TASK = "text_change"
@@ -53,6 +62,7 @@ OP = "text.replace"
 OCR_PACKAGE = "rapidocr_onnxruntime"
 MAX_LENGTH_CHANGE = 3  # characters; the reference rejects Chinese rewrites that change length by more
 TEXT_FILL = 0.92  # the new word may span this fraction of the region's width
+FILL_MARGIN = 0.1  # the fill renderer's mask grows by this fraction of the region's height
 Language = Literal["en", "zh"]
 
 
@@ -108,6 +118,13 @@ def quad_size(quad: np.ndarray) -> tuple[int, int]:
     return max(2, round(max(top, bottom))), max(2, round(max(left, right)))
 
 
+def straighten(quad: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """The perspective transform from the region to its straightened rectangle, and that rectangle's size."""
+    width, height = quad_size(quad)
+    rect = np.float32([[0, 0], [width, 0], [width, height], [0, height]])
+    return cv2.getPerspectiveTransform(quad, rect), width, height
+
+
 @functools.cache
 def _yaml(name: str) -> dict:
     """A data file: a path, or the name of a file in prompts/."""
@@ -140,6 +157,8 @@ class TextEditor:
         languages: tuple[Language, ...] = ("en",)
         font: str | None = None
         threads: int = Field(1, ge=1)
+        renderer: Literal["classical", "fill"] = "classical"
+        fill: FillConfig | None = None  # the fill renderer's model and settings
 
         @model_validator(mode="after")
         def _cjk_needs_a_font(self) -> TextEditor.Config:
@@ -147,9 +166,16 @@ class TextEditor:
                 raise ValueError("languages: zh needs `font`, a file with CJK glyphs (Pillow's own has Latin only)")
             return self
 
+        @model_validator(mode="after")
+        def _fill_block(self) -> TextEditor.Config:
+            if (self.renderer == "fill") != (self.fill is not None):
+                raise ValueError("renderer: fill needs a `fill` block (its model and settings), and only it takes one")
+            return self
+
     def __init__(self, cfg: Config | None = None):
         self.cfg = cfg or self.Config()
         self._ocr: Any = None  # RapidOCR, loaded at first use: it is heavy, and covers() must stay cheap
+        self._fill = TextFill(self.cfg.fill) if self.cfg.fill else None  # loads its pipeline at the first edit
 
     def covers(self) -> frozenset[str]:
         return frozenset({TASK})
@@ -189,16 +215,19 @@ class TextEditor:
                         instruction_en=template["en"].format(old=old, new=new),
                         instruction_zh=template["zh"].format(old=old, new=new))
 
-    def edit(self, images: list[np.ndarray], requests: list[EditRequest]) -> list[EditOutput | Rejected]:
-        return [self._one(image, request) for image, request in zip(images, requests)]
+    def edit(self, images: list[np.ndarray], requests: list[EditRequest]) -> list[EditOutput | Rejected | ItemFailed]:
+        for request in requests:
+            if request.op != OP:
+                raise KeyError(f"text editor has no op {request.op!r}")
+        if self._fill is None:
+            return [self._classical(image, request) for image, request in zip(images, requests)]
+        jobs = [self._fill_job(self._fill, image, request) for image, request in zip(images, requests)]
+        return [edited if isinstance(edited, ItemFailed) else self._read_back(job.source, edited, job.region, job.words)
+                for job, edited in zip(jobs, self._fill.redraw(jobs))]
 
-    def _one(self, image: np.ndarray, request: EditRequest) -> EditOutput | Rejected:
-        if request.op != OP:
-            raise KeyError(f"text editor has no op {request.op!r}")
+    def _classical(self, image: np.ndarray, request: EditRequest) -> EditOutput | Rejected:
         quad, old, new = np.float32(request.params["quad"]), request.params["old"], request.params["new"]
-        width, height = quad_size(quad)
-        rect = np.float32([[0, 0], [width, 0], [width, height], [0, height]])
-        to_rect = cv2.getPerspectiveTransform(quad, rect)
+        to_rect, width, height = straighten(quad)
         crop = cv2.warpPerspective(image, to_rect, (width, height), flags=cv2.INTER_LINEAR,
                                    borderMode=cv2.BORDER_REPLICATE)
         strokes = _strokes(crop)
@@ -224,7 +253,27 @@ class TextEditor:
         alpha = cv2.warpPerspective(glyphs, to_image, (w, h), flags=cv2.INTER_LINEAR) * region
         alpha = alpha[..., None] / 255.0
         edited = np.clip(clean * (1 - alpha) + colour * alpha, 0, 255).round().astype(np.uint8)
+        return self._read_back(image, edited, region, new)
 
+    def _fill_job(self, fill: TextFill, image: np.ndarray, request: EditRequest) -> FillJob:
+        """The new word's glyphs drawn straight, then warped onto the region as it stands, at the edit size."""
+        h, w = fill.edit_size(*image.shape[:2])
+        quad = np.float32(request.params["quad"])
+        small = quad * np.float32([w / image.shape[1], h / image.shape[0]])
+        to_rect, width, height = straighten(small)
+        template = glyph_template(request.params["new"], width, height, self._font)
+        glyphs = cv2.warpPerspective(template, np.linalg.inv(to_rect), (w, h), flags=cv2.INTER_LINEAR)
+        # The reference masks its dataset's OCR polygon as is; PP-OCRv4's box can cut through the outer strokes
+        # (see `_classical`), and what stays outside the mask stays in the picture: the mask gets a margin.
+        margin = max(2, round(FILL_MARGIN * quad_size(quad)[1]))
+        grow = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * margin + 1, 2 * margin + 1))
+        region = cv2.dilate(quad_mask(quad, image.shape).astype(np.uint8), grow)
+        mask = cv2.resize(region, (w, h), interpolation=cv2.INTER_AREA) > 0  # every cell the region touches
+        return FillJob(source=image, region=region > 0, glyphs=glyphs, mask=mask, words=request.params["new"],
+                       seed=request.seed)
+
+    def _read_back(self, image: np.ndarray, edited: np.ndarray, region: np.ndarray, new: str) -> EditOutput | Rejected:
+        """The gate of both renderers: the OCR must read exactly the new word inside the region."""
         read = "".join(r.text for r in self.read(edited) if _inside(r.quad, region))
         if normalize(read) != normalize(new):
             return Rejected("text_not_read_back", f"OCR read {read!r} in the region, expected {new!r}")
@@ -260,6 +309,8 @@ class TextEditor:
                          "file": self.cfg.font or f"bundled with Pillow {importlib.metadata.version('pillow')}",
                          "sha256": _sha256_prefix(self.cfg.font) if self.cfg.font else None},
                 "chooser": "word_list", "words": self.cfg.words, "languages": list(self.cfg.languages),
+                "renderer": self.cfg.renderer,
+                **({"fill": {**self._fill.provenance(), "mask_margin": FILL_MARGIN}} if self._fill else {}),
                 "round_trip": "normalized OCR text in the region == new text"}
 
 

@@ -26,9 +26,10 @@ def tiny_models_dir() -> Path:
 def build_tiny(name: str) -> Path:
     """The folder of the tiny model `name` (built on first use): what `tiny:<name>` in a recipe resolves to."""
     builders = {"flux": lambda: build_tiny_flux(tiny_models_dir() / "tiny-flux"),  # text-to-image sources
-                "flux-kontext": build_tiny_kontext, "qwen-image-edit": build_tiny_qwen_image_edit,
+                "flux-kontext": build_tiny_kontext, "flux-fill": build_tiny_fill,
+                "qwen-image-edit": build_tiny_qwen_image_edit,
                 "clip": build_tiny_clip, "grounding-dino": build_tiny_grounding_dino, "sam2": build_tiny_sam2,
-                "lama": build_tiny_lama}
+                "lama": build_tiny_lama, "qwen2.5-vl": build_tiny_qwen25vl_chat}
     if name not in builders:
         raise ValueError(f"no tiny model {name!r}; there are: {', '.join(sorted(builders))}")
     return builders[name]()
@@ -43,6 +44,28 @@ def build_tiny_kontext(path: str | Path | None = None, seed: int = 0) -> Path:
     from diffusers import FluxKontextPipeline
 
     return publish(path, FluxKontextPipeline(**flux_components(seed)))
+
+
+def build_tiny_fill(path: str | Path | None = None, seed: int = 0) -> Path:
+    """A FluxFillPipeline (FLUX.1-Fill's classes, the text-change editor's fill renderer): the tiny FLUX parts,
+    the transformer widened as FLUX.1-Fill widens FLUX.1's (64 → 384 input channels): it reads the noisy latent,
+    the masked image's latent and the mask folded to the latent grid, all 2×2-packed. Idempotent like
+    `build_tiny_kontext`."""
+    path = Path(path) if path else tiny_models_dir() / "tiny-flux-fill"
+    if (path / "model_index.json").exists():
+        return path
+    from diffusers import FluxFillPipeline, FluxTransformer2DModel
+
+    parts = flux_components(seed)
+    vae = parts["vae"].config
+    scale = 2 ** (len(vae.block_out_channels) - 1)  # the VAE's downsampling: a mask pixel block per latent pixel
+    packed = 4 * vae.latent_channels
+    # The private keys (e.g. `_use_default_values`) would make from_config ignore the channels set here.
+    config = {k: v for k, v in parts["transformer"].config.items() if not k.startswith("_")}
+    torch.manual_seed(seed)
+    parts["transformer"] = FluxTransformer2DModel.from_config(
+        {**config, "in_channels": 2 * packed + 4 * scale * scale, "out_channels": packed})
+    return publish(path, FluxFillPipeline(**parts))
 
 
 def build_tiny_qwen_image_edit(path: str | Path | None = None, seed: int = 0) -> Path:
@@ -74,6 +97,27 @@ def build_tiny_qwen_image_edit(path: str | Path | None = None, seed: int = 0) ->
     pipe = QwenImageEditPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder,
                                  tokenizer=processor.tokenizer, processor=processor, transformer=transformer)
     return publish(path, pipe)
+
+
+# Qwen's chat format with image parts written as Qwen2.5-VL's own template writes them: the processor expands each
+# <|image_pad|> to the image's tokens. trainer/tiny_flux.py's template serves text encoders and drops image parts.
+QWEN_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def build_tiny_qwen25vl_chat(path: str | Path | None = None, seed: int = 0) -> Path:
+    """trainer/tiny_flux.py's tiny Qwen2.5-VL with a chat template that places images, for the VLM worker
+    (workers/vlm_transformers.py). Idempotent like `build_tiny_kontext`."""
+    path = Path(path) if path else tiny_models_dir() / "tiny-qwen2.5-vl"
+    if (path / "config.json").exists():
+        return path
+    model, processor = qwen25vl_parts(seed)
+    processor.chat_template = QWEN_VL_CHAT_TEMPLATE
+    return publish(path, model, processor)
 
 
 # --- the expert removal chain (workers/expert_removal.py) ------------------------------------------------------
@@ -198,5 +242,5 @@ def build_tiny_lama(path: str | Path | None = None, seed: int = 0) -> Path:
 if __name__ == "__main__":
     print(build_tiny_kontext())
     print(build_tiny_qwen_image_edit())
-    for name in ("clip", "grounding-dino", "sam2", "lama"):
+    for name in ("flux-fill", "clip", "grounding-dino", "sam2", "lama"):
         print(build_tiny(name))
