@@ -4,7 +4,7 @@
         server.replies = [Reply(500), Reply(body={"data": [...]})]  # POSTs get these in turn; the last repeats
         server.files["/out.png"] = png  # GETs are served from here
         ... client calls server.url ...
-        server.seen  # every request: method, path, headers, multipart fields, arrival time
+        server.seen  # every request: method, path, headers, multipart fields, arrival time, raw body
 
 `Reply(echo_image=True)` answers with the uploaded `image` field as b64_json, so outputs can be matched to
 inputs. `max_in_flight` is the most requests the server was answering at once.
@@ -37,6 +37,7 @@ class Seen:
     headers: dict[str, str]
     fields: dict[str, bytes]  # multipart form fields of a POST
     at: float  # time.monotonic() on arrival
+    body: bytes = b""  # of a POST, as sent (json.loads it for a JSON API)
 
 
 class ApiServer:
@@ -94,10 +95,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        self._answer(_form_fields(self.headers.get("Content-Type", ""), body))
+        self._answer(_form_fields(self.headers.get("Content-Type", ""), body), body)
 
-    def _answer(self, fields: dict[str, bytes]) -> None:
-        reply = self.api._arrive(Seen(self.command, self.path, dict(self.headers), fields, time.monotonic()))
+    def _answer(self, fields: dict[str, bytes], raw: bytes = b"") -> None:
+        reply = self.api._arrive(Seen(self.command, self.path, dict(self.headers), fields, time.monotonic(), raw))
         try:
             time.sleep(reply.delay_s)
             body = reply.body
