@@ -53,6 +53,9 @@ def main() -> None:
     stage = EditStage(recipe.edit, ctx)
     results = {}
     for name, rows in sorted(pairs_by_editor(recipe, ctx, args.pairs).items()):
+        if not rows:
+            print(f"{name:>10}: no pair on the generated scenes (its gates turned every one down)", flush=True)
+            continue
         editor = stage.editors[name]
         images = [decode_own(r["src"]) for r in rows]
         requests = [EditRequest(op=r["op"], params=json.loads(r["params"]), instruction_en=r["instruction_en"],

@@ -16,20 +16,22 @@ import json
 from typing import Literal
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from manifests.balance import Outcomes, closed_loop_weights
 from manifests.config import Strict
 from manifests.images import encode_mask
 from manifests.mix import smooth_wrr
+from manifests.rejected import Rejected
 from manifests.schema import LIVE, REJECTED, make_pair_id, stable_seed
 from manifests.taxonomy import task_by_name
 from stages.base import Stage, decode_own, end_row
 from stages.edit import EditConfig, editor_order
 from workers.base import Instructor
 from workers.rule_instructor import RuleInstructor
+from workers.vlm_instructor import InstructionRejected, VlmInstructConfig, VlmInstructor
 
-INSTRUCTORS: dict[str, type[Instructor]] = {cls.name: cls for cls in (RuleInstructor,)}
+INSTRUCTORS: dict[str, type[Instructor]] = {cls.name: cls for cls in (RuleInstructor, VlmInstructor)}
 
 SEQUENCE_LENGTH = 1009  # prime, so positions p·k wrap around the whole sequence
 
@@ -55,6 +57,13 @@ class InstructConfig(Strict):
     expected_yield: dict[str, float] = {}  # task → expected acceptance rate in (0, 1]
     subject: SubjectGate = SubjectGate()
     balance: Balance = Balance()
+    vlm: VlmInstructConfig | None = None  # the VLM instructor's block (backend: vlm)
+
+    @model_validator(mode="after")
+    def _backend_block(self):
+        if (self.backend == VlmInstructor.name) != (self.vlm is not None):
+            raise ValueError("instruct.vlm is needed with backend: vlm, and only with it")
+        return self
 
     @field_validator("backend")
     @classmethod
@@ -126,28 +135,35 @@ class InstructStage(Stage):
         self.routes, self.editors = edit_cfg.routes(), edit_cfg.build()
         weights = weights or task_weights(self.instruct_cfg, frozenset(self.routes))
         self.sequence = smooth_wrr(weights, SEQUENCE_LENGTH)
-        gate = self.instruct_cfg.subject
-        self.worker = INSTRUCTORS[self.instruct_cfg.backend](gate.min_area, gate.max_area)
+        gate, backend = self.instruct_cfg.subject, self.instruct_cfg.backend
+        asked = tuple(t for t, names in self.routes.items() if any(self.editors[n].follows_instructions for n in names))
+        self.worker = INSTRUCTORS[backend](gate.min_area, gate.max_area, getattr(self.instruct_cfg, backend, None), asked)
 
     def process_row(self, row: dict) -> list[dict]:
         image = decode_own(row["src"])
         subject = self.worker.analyze(image)
         k = self.instruct_cfg.tasks_per_source
         sample_seed = stable_seed(self.ctx.seed, row["sample_id"])
-        proposals = []
+        proposals, ended = [], []
         for task in preference(self.sequence, row["position"], k):
-            if len(proposals) == k:
+            if len(proposals) + len(ended) == k:
                 break
             rng = np.random.default_rng(stable_seed(sample_seed, task))
             order = editor_order(self.routes[task], np.random.default_rng(stable_seed(sample_seed, task, "editor")))
             for name in order:
-                if (p := self.worker.propose(task, self.editors[name], image, subject, rng)) is not None:
+                try:
+                    p = self.worker.propose(task, self.editors[name], image, subject, rng)
+                except Rejected as e:  # this candidate's instruction failed its checks: it ends alone, counted in k
+                    ended.append((name, task, e))
+                    break
+                if p is not None:
                     proposals.append((name, p))
                     break
-        if not proposals:
+        if not proposals and not ended:
             return [end_row(row, REJECTED, self.name, "no_eligible_task",
                             "no configured editor can do any task of the target mix on this image")]
-        out = []
+        fanout = len(proposals) + len(ended)
+        out = [self._ended(row, sample_seed, fanout, *candidate) for candidate in ended]
         for name, p in proposals:
             about = p.subject or subject
             subject_json = None if about is None else json.dumps(
@@ -157,7 +173,7 @@ class InstructStage(Stage):
             editor = f"{name}:{p.op}"
             pair_id = make_pair_id(row["sample_id"], p.task, seed, editor)
             task = task_by_name(p.task)
-            out.append({**row, "unit_id": pair_id, "pair_id": pair_id, "fanout": len(proposals),
+            out.append({**row, "unit_id": pair_id, "pair_id": pair_id, "fanout": fanout,
                         "task": task.name, "task_id": task.id, "op": p.op, "params": json.dumps(p.params),
                         "instruction_en": p.instruction_en, "instruction_zh": p.instruction_zh,
                         "seed": seed, "subject": subject_json, "editor": editor,
@@ -165,3 +181,16 @@ class InstructStage(Stage):
                         "provenance": json.dumps({"instruct": {"worker": self.worker.name,
                                                                "version": self.worker.version}})})
         return out
+
+    def _ended(self, row: dict, sample_seed: int, fanout: int, name: str, task_name: str, error: Rejected) -> dict:
+        """A candidate pair whose instruction was rejected: its own unit, with the reason and the instructor's
+        trace (attempts, critiques) in its provenance."""
+        seed = stable_seed(sample_seed, task_name)
+        pair_id = make_pair_id(row["sample_id"], task_name, seed, name)
+        task = task_by_name(task_name)
+        trace = error.provenance if isinstance(error, InstructionRejected) else {}
+        provenance = {"instruct": {"worker": self.worker.name, "version": self.worker.version, **trace}}
+        return end_row({**row, "unit_id": pair_id, "pair_id": pair_id, "fanout": fanout, "task": task.name,
+                        "task_id": task.id, "seed": seed, "editor": name, "provenance": json.dumps(provenance)},
+                       REJECTED, self.name, error.reason, error.message)
+

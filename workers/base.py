@@ -117,7 +117,10 @@ class Editor(Protocol):
 
 
 class Instructor(Protocol):
-    """An instruction backend, built once per actor with the recipe's subject-area gate (min, max)."""
+    """An instruction backend, built once per actor as `cls(min_area, max_area, cfg, tasks)`: the recipe's
+    subject-area gate, the backend's own config block (`instruct.<backend>`, None if it has none) and the tasks
+    routed to editors that follow instructions (what a proposal needs to cover). `propose` may raise
+    `Rejected` to end that one candidate pair with a reason (an instruction that failed its checks)."""
 
     name: ClassVar[str]
     version: ClassVar[str]

@@ -57,7 +57,9 @@ class RuleInstructor:
     name = "rule_based"
     version = VERSION
 
-    def __init__(self, min_area: float, max_area: float):
+    def __init__(self, min_area: float, max_area: float, cfg: None = None, tasks: tuple[str, ...] = ()):
+        """`cfg` and `tasks` (the backend's own block, the tasks routed to instruction-following editors) are
+        the Instructor constructor's shape; the rules need neither."""
         self.min_area, self.max_area = min_area, max_area
 
     def analyze(self, image: np.ndarray) -> Subject | None:
