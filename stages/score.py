@@ -1,22 +1,59 @@
-"""Score stage: compute every score, store it, and let the per-task policy decide."""
+"""Score stage: compute every score, store it, and let the per-task policy decide.
+
+The heuristic scores (filters/heuristics.py) always run, row by row. Model scorers are named blocks chosen by
+`backend:` (filters/vlm_judges.py: imgedit_judge, viescore), each asked once per batch over the batch's live rows:
+
+    score:
+      scorers:
+        judge: {backend: imgedit_judge, reply: text, vlm: {backend: transformers, model: /models/ImgEdit_Judge}}
+      rules: [{score: judge_sum, min: 4, reason: judge_low_score}]
+      per_task:
+        subject_removal: [{score: judge_sum, min: 9, reason: judge_low_score}]
+
+A judge that cannot score a pair leaves those scores absent and says why in the row's warnings
+("vlm_truncated: judge: …"), so the ledger explains an unjudged pair whether or not it was accepted. Only the
+policy ends the row: when a rule needs a score a judge could not give, the ledger reason is the judge's own
+(vlm_truncated, vlm_unparseable, …), which says what to fix, rather than the policy's generic missing_score.
+"""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
+from typing import Annotated, Union
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from filters.heuristics import edit_scores, image_scores
 from filters.policy import Rule, decide, rules_for
+from filters.vlm_judges import EditPair, ImgEditJudge, Scored, VieScore
 from manifests.config import Strict
 from manifests.images import decode_mask
-from manifests.schema import REJECTED
+from manifests.rejected import ItemFailed, Rejected
+from manifests.schema import FAILED, REJECTED
 from manifests.taxonomy import task_by_name
 from stages.base import Stage, decode_own, end_row
 
+SCORERS = {cls.backend: cls for cls in (ImgEditJudge, VieScore)}
+ScorerConfig = Annotated[Union[tuple(cls.Config for cls in SCORERS.values())], Field(discriminator="backend")]
+Scorer = ImgEditJudge | VieScore
+
 
 class ScoreConfig(Strict):
+    scorers: dict[str, ScorerConfig] = {}  # model scorers by name, beside the heuristics (always on)
     rules: list[Rule] = []  # applied to every task
     per_task: dict[str, list[Rule]] = {}  # extra rules per task; one sharing a score with a common rule replaces it
+
+    @field_validator("scorers")
+    @classmethod
+    def _one_per_backend(cls, v: dict[str, ScorerConfig]):
+        """A backend writes fixed score names (judge_sum, viescore_o, …): a second block would overwrite them."""
+        seen: dict[str, str] = {}
+        for name, cfg in v.items():
+            if cfg.backend in seen:
+                raise ValueError(f"scorers {seen[cfg.backend]!r} and {name!r} both use backend {cfg.backend!r}, "
+                                 f"whose scores ({', '.join(SCORERS[cfg.backend].names)}) one would overwrite")
+            seen[cfg.backend] = name
+        return v
 
     @field_validator("per_task")
     @classmethod
@@ -26,21 +63,102 @@ class ScoreConfig(Strict):
         return v
 
 
+@dataclass
+class _Scoring:
+    """A live row on its way through the scorers."""
+
+    row: dict
+    pair: EditPair
+    scores: dict[str, float]
+    missing: dict[str, tuple[str, Rejected]] = field(default_factory=dict)  # score → (scorer, why it is absent)
+
+
 class ScoreStage(Stage):
     name = "score"
     requires = ("src", "edited", "task")
     adds = ("scores", "thresholds")
 
+    def __init__(self, cfg: ScoreConfig, ctx):
+        super().__init__(cfg, ctx)
+        self.scorers: dict[str, Scorer] = {name: SCORERS[c.backend](c) for name, c in cfg.scorers.items()}  # lazy
+
     def process_row(self, row: dict) -> list[dict]:
-        src = decode_own(row["src"])
-        edited = decode_own(row["edited"])
+        """One row through the batched path (tests and callers that score a single pair)."""
+        return self.process([row])
+
+    def process(self, rows: list[dict]) -> list[dict]:
+        ended, live = [], []
+        for row in rows:
+            try:
+                live.append(self._measure(row))
+            except Exception as e:  # this row's images: ended with a reason or an error class, the batch goes on
+                ended.append(self._end(row, e))
+        for name, scorer in self.scorers.items():
+            kept = []
+            for s, result in zip(live, self._score(scorer, [s.pair for s in live])):
+                if isinstance(result, Scored):
+                    s.scores |= result.scores
+                    s.missing |= {score: (name, why) for score, why in result.missing.items()}
+                    kept.append(s)
+                else:
+                    ended.append(self._end(self._row(s), result))
+            live = kept
+        provenance = {name: scorer.provenance() for name, scorer in self.scorers.items()}  # what answered
+        return ended + [self._decide(s, provenance) for s in live]
+
+    def _measure(self, row: dict) -> _Scoring:
+        src, edited = decode_own(row["src"]), decode_own(row["edited"])
         mask = decode_mask(row["mask"]) if row["mask"] is not None else None
-        scores = {**json.loads(row["scores"] or "{}"), **image_scores(src, "src"),
-                  **image_scores(edited, "edited"), **edit_scores(src, edited, mask)}
-        rules = rules_for(row["task"], self.cfg.rules, self.cfg.per_task)
-        row = {**row, "scores": json.dumps(scores),
-               "thresholds": json.dumps([r.model_dump(exclude_none=True) for r in rules])}
-        reason, message = decide(scores, rules)
+        scores = {**json.loads(row["scores"] or "{}"), **image_scores(src, "src"), **image_scores(edited, "edited"),
+                  **edit_scores(src, edited, mask)}
+        return _Scoring(row, EditPair(src, edited, row["instruction_en"], row["instruction_zh"]), scores)
+
+    def _score(self, scorer: Scorer, pairs: list[EditPair]) -> list[Scored | Exception]:
+        """One batched call; when it raises, the pairs one by one, so that a bad pair (an instruction that is
+        missing) ends its own row only. A model or service that is down then ends every row with its error."""
+        if not pairs:
+            return []
+        try:
+            return scorer.score(pairs)
+        except Exception as e:  # returned, then recorded in the ledger as its row's end
+            if len(pairs) == 1:
+                return [e]
+            return [result for pair in pairs for result in self._score(scorer, [pair])]
+
+    def _end(self, row: dict, error: Exception) -> dict:
+        if isinstance(error, Rejected):
+            return end_row(row, REJECTED, self.name, error.reason, error.message)
+        if isinstance(error, ItemFailed):  # out of memory alone: an error of the system, not of the pair
+            return end_row(row, FAILED, self.name, error.reason, error.message)
+        return self.fail(row, error)
+
+    def _row(self, s: _Scoring) -> dict:
+        """The row with what was measured: its scores, and why any judge's score is absent."""
+        row = {**s.row, "scores": json.dumps(s.scores)}
+        if s.missing:  # once per failed request, though it left several scores absent
+            why = dict.fromkeys(f"{r.reason}: {scorer}: {r.message}" for scorer, r in s.missing.values())
+            row["warnings"] = [*(s.row["warnings"] or []), *why]
+        return row
+
+    def _decide(self, s: _Scoring, judges: dict[str, dict]) -> dict:
+        rules = rules_for(s.row["task"], self.cfg.rules, self.cfg.per_task)
+        row = {**self._row(s), "thresholds": json.dumps([r.model_dump(exclude_none=True) for r in rules])}
+        if judges:
+            row["provenance"] = json.dumps({**json.loads(s.row["provenance"] or "{}"), "score": judges})
+        reason, message = decide(s.scores, rules)
+        if reason == "missing_score":
+            reason, message = _judge_reason(s, rules) or (reason, message)
         if reason is not None:
-            return [end_row(row, REJECTED, self.name, reason, message)]
-        return [row]
+            return end_row(row, REJECTED, self.name, reason, message)
+        return row
+
+
+def _judge_reason(s: _Scoring, rules: list[Rule]) -> tuple[str, str] | None:
+    """The judge's reason when the score the policy missed is one a judge could not give. `decide` reports the
+    first rule with an absent score, and in it the first absent score by name: the same one is looked up here."""
+    rule = next(r for r in rules if r.scores - s.scores.keys())
+    score = min(rule.scores - s.scores.keys())
+    if score not in s.missing:
+        return None  # not a judge's score: a misspelt or never computed one stays missing_score
+    scorer, why = s.missing[score]
+    return why.reason, f"{scorer} could not give {score}: {why.message}"
