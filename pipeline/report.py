@@ -41,7 +41,7 @@ def build_report(recipe, ledger: pa.Table, shards: list[dict], covered: frozense
                    "bytes": sum(s["bytes"] for s in shards)},
         "busy_seconds_per_stage": busy, "wall_seconds": wall, "invocations": walls,
         "pairs_per_second": round(accepted / wall, 3) if wall else None,
-        "input_warnings": dict(warnings),
+        "warnings": dict(warnings),  # by code: odd inputs (bad sidecars, animated images) and unread judge replies
         "balance": list(balance),
     }
 
@@ -71,8 +71,8 @@ def render_markdown(report: dict) -> str:
                   "|---|" + "---|" * len(report["balance"][0]["yield_estimates"])]
         lines += [f"| {w['window']} | " + " | ".join(f"{y:.2f}" for y in w["yield_estimates"].values()) + " |"
                   for w in report["balance"]]
-    if report["input_warnings"]:
-        lines += ["", "Input warnings: " + ", ".join(f"{k} {v}" for k, v in report["input_warnings"].items())]
+    if report["warnings"]:
+        lines += ["", "Warnings (units carrying each code): " + ", ".join(f"{k} {v}" for k, v in report["warnings"].items())]
     return "\n".join(lines) + "\n"
 
 
