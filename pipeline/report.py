@@ -72,7 +72,8 @@ def render_markdown(report: dict) -> str:
         lines += [f"| {w['window']} | " + " | ".join(f"{y:.2f}" for y in w["yield_estimates"].values()) + " |"
                   for w in report["balance"]]
     if report["warnings"]:
-        lines += ["", "Warnings (units carrying each code): " + ", ".join(f"{k} {v}" for k, v in report["warnings"].items())]
+        counts = ", ".join(f"{k} {v}" for k, v in report["warnings"].items())
+        lines += ["", f"Warnings (units carrying each code): {counts}"]
     return "\n".join(lines) + "\n"
 
 

@@ -128,9 +128,9 @@ class EditStage(Stage):
         editor = self.editors[name]
         try:
             images = [decode_own(row["src"]) for row in rows]
-            requests = [EditRequest(op=row["op"], params=json.loads(row["params"]), instruction_en=row["instruction_en"],
-                                    instruction_zh=row["instruction_zh"], seed=row["seed"], subject=subject_from(row))
-                        for row in rows]
+            requests = [EditRequest(op=row["op"], params=json.loads(row["params"]),
+                                    instruction_en=row["instruction_en"], instruction_zh=row["instruction_zh"],
+                                    seed=row["seed"], subject=subject_from(row)) for row in rows]
             results = editor.edit(images, requests)
         except Exception as e:  # one bad pair must not fail its batch: retry them one by one
             if len(rows) > 1:

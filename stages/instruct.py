@@ -137,7 +137,8 @@ class InstructStage(Stage):
         self.sequence = smooth_wrr(weights, SEQUENCE_LENGTH)
         gate, backend = self.instruct_cfg.subject, self.instruct_cfg.backend
         asked = tuple(t for t, names in self.routes.items() if any(self.editors[n].follows_instructions for n in names))
-        self.worker = INSTRUCTORS[backend](gate.min_area, gate.max_area, getattr(self.instruct_cfg, backend, None), asked)
+        block = getattr(self.instruct_cfg, backend, None)  # a backend's own block is named after it (`vlm:`)
+        self.worker = INSTRUCTORS[backend](gate.min_area, gate.max_area, block, asked)
 
     def process_row(self, row: dict) -> list[dict]:
         image = decode_own(row["src"])

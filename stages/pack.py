@@ -2,7 +2,8 @@
 task mix), cut into shards of `shard_size`, and written as deterministic tars, each committed by its
 Parquet manifest. Every pair carries the same members (json, src.jpg, edited.jpg, mask.png), so stock
 readers (HF `datasets`, Ray Data) read the shards with their defaults: the mask of a region edit marks the
-region the edit is about, that of a global edit the whole image, and the json's `mask` says which. The plan is a pure function of the committed score-stage rows, so a rerun rebuilds the
+region the edit is about, that of a global edit the whole image, and the json's `mask` says which.
+The plan is a pure function of the committed score-stage rows, so a rerun rebuilds the
 same plan, skips committed shards and rewrites only the missing ones.
 """
 from __future__ import annotations

@@ -11,7 +11,8 @@ from pydantic import Field
 
 from manifests.config import Strict
 from manifests.rejected import ItemFailed
-from workers.model_lifecycle import LazyModel, library_versions, need, pick_device, resolve_model, run_batched, torch_dtype
+from workers.model_lifecycle import (LazyModel, library_versions, need, pick_device, resolve_model, run_batched,
+                                     torch_dtype)
 
 VERSION = "1"
 
