@@ -38,8 +38,6 @@ import functools
 import hashlib
 import importlib.metadata
 import importlib.util
-import unicodedata
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -55,74 +53,15 @@ from manifests.rejected import Rejected
 from workers.base import EditOutput, EditRequest, Proposal, Subject
 from workers.model_lifecycle import ItemFailed
 from workers.text_fill import FillConfig, FillJob, TextFill, glyph_template
+from workers.text_regions import (Language, Reading, choose_word, inside, language_of, normalize, quad_area,
+                                  quad_mask, quad_size, straighten, strokes)
 
 VERSION = "1"
 TASK = "text_change"
 OP = "text.replace"
 OCR_PACKAGE = "rapidocr_onnxruntime"
-MAX_LENGTH_CHANGE = 3  # characters; the reference rejects Chinese rewrites that change length by more
 TEXT_FILL = 0.92  # the new word may span this fraction of the region's width
 FILL_MARGIN = 0.1  # the fill renderer's mask grows by this fraction of the region's height
-Language = Literal["en", "zh"]
-
-
-@dataclass(frozen=True)
-class Reading:
-    """One line of text the OCR found: its quadrilateral (top-left, top-right, bottom-right, bottom-left)."""
-
-    quad: np.ndarray  # float32 (4, 2), x and y in pixels
-    text: str
-    score: float
-
-
-def normalize(text: str) -> str:
-    """The form texts are compared in: NFKC (full-width → ASCII), case-folded, letters and digits only (the
-    recogniser drops spaces and often misreads punctuation)."""
-    return "".join(ch for ch in unicodedata.normalize("NFKC", text).casefold() if ch.isalnum())
-
-
-def language_of(text: str) -> Language | None:
-    """zh for text with Chinese characters (CJK Unified Ideographs), en for Latin letters, else None."""
-    if any("\u4e00" <= ch <= "\u9fff" for ch in text):
-        return "zh"
-    return "en" if any("a" <= ch <= "z" for ch in normalize(text)) else None
-
-
-def choose_word(old: str, words: list[str], rng: np.random.Generator) -> str | None:
-    """A word of the list other than `old`, of similar length, in the old text's letter case; None if none."""
-    key = normalize(old)
-    pool = [w for w in words if normalize(w) != key and abs(len(normalize(w)) - len(key)) <= MAX_LENGTH_CHANGE]
-    if not pool:
-        return None
-    word = str(pool[rng.integers(len(pool))])
-    letters = [ch for ch in old if ch.isalpha()]
-    if letters and all(ch.isupper() for ch in letters):
-        return word.upper()
-    return word[:1].upper() + word[1:] if old[:1].isupper() else word
-
-
-def quad_area(quad: np.ndarray) -> float:
-    return float(cv2.contourArea(quad.astype(np.float32)))
-
-
-def quad_mask(quad: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    mask = np.zeros(shape[:2], np.uint8)
-    cv2.fillPoly(mask, [np.round(quad).astype(np.int32)], 1)
-    return mask.astype(bool)
-
-
-def quad_size(quad: np.ndarray) -> tuple[int, int]:
-    """(width, height) of the straightened region: its longer opposite sides."""
-    top, bottom = np.linalg.norm(quad[1] - quad[0]), np.linalg.norm(quad[2] - quad[3])
-    left, right = np.linalg.norm(quad[3] - quad[0]), np.linalg.norm(quad[2] - quad[1])
-    return max(2, round(max(top, bottom))), max(2, round(max(left, right)))
-
-
-def straighten(quad: np.ndarray) -> tuple[np.ndarray, int, int]:
-    """The perspective transform from the region to its straightened rectangle, and that rectangle's size."""
-    width, height = quad_size(quad)
-    rect = np.float32([[0, 0], [width, 0], [width, height], [0, height]])
-    return cv2.getPerspectiveTransform(quad, rect), width, height
 
 
 @functools.cache
@@ -230,22 +169,22 @@ class TextEditor:
         to_rect, width, height = straighten(quad)
         crop = cv2.warpPerspective(image, to_rect, (width, height), flags=cv2.INTER_LINEAR,
                                    borderMode=cv2.BORDER_REPLICATE)
-        strokes = _strokes(crop)
-        if not strokes.any():
+        ink = strokes(crop)
+        if not ink.any():
             return Rejected("text_strokes_not_found", f"no text pixels inside the region of {old!r}")
-        core = cv2.erode(strokes.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0  # away from anti-aliasing
-        colour = np.median(crop[core if core.any() else strokes], axis=0)
+        core = cv2.erode(ink.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0  # away from anti-aliasing
+        colour = np.median(crop[core if core.any() else ink], axis=0)
 
         h, w = image.shape[:2]
         to_image = np.linalg.inv(to_rect)
-        ys, xs = np.nonzero(strokes)
+        ys, xs = np.nonzero(ink)
         halo = max(2, (ys.max() - ys.min()) // 10)  # the anti-aliased and compressed edges of the old glyphs
         grow = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * halo + 1, 2 * halo + 1))
-        hole = cv2.dilate(cv2.warpPerspective(strokes.astype(np.uint8), to_image, (w, h), flags=cv2.INTER_NEAREST),
+        hole = cv2.dilate(cv2.warpPerspective(ink.astype(np.uint8), to_image, (w, h), flags=cv2.INTER_NEAREST),
                           grow)
         # The detector's box can touch the glyphs; grown by the halo it holds every pixel the edit changes.
         region = cv2.dilate(quad_mask(quad, image.shape).astype(np.uint8), grow) > 0
-        # Telea fills the thin strokes smoothly from their edges. classical_region.remove_subject would borrow
+        # Telea fills the thin ink smoothly from their edges. classical_region.remove_subject would borrow
         # texture from a neighbouring patch, and beside a line of text that is often more text (ghost letters).
         clean = cv2.inpaint(image, hole * region.astype(np.uint8), 3, cv2.INPAINT_TELEA)  # RGB order is moot
 
@@ -274,7 +213,7 @@ class TextEditor:
 
     def _read_back(self, image: np.ndarray, edited: np.ndarray, region: np.ndarray, new: str) -> EditOutput | Rejected:
         """The gate of both renderers: the OCR must read exactly the new word inside the region."""
-        read = "".join(r.text for r in self.read(edited) if _inside(r.quad, region))
+        read = "".join(r.text for r in self.read(edited) if inside(r.quad, region))
         if normalize(read) != normalize(new):
             return Rejected("text_not_read_back", f"OCR read {read!r} in the region, expected {new!r}")
         return EditOutput(source=image, edited=edited, mask=region)
@@ -312,25 +251,6 @@ class TextEditor:
                 "renderer": self.cfg.renderer,
                 **({"fill": {**self._fill.provenance(), "mask_margin": FILL_MARGIN}} if self._fill else {}),
                 "round_trip": "normalized OCR text in the region == new text"}
-
-
-def _strokes(crop: np.ndarray) -> np.ndarray:
-    """bool mask of the text pixels of a straightened text region."""
-    pixels = crop.reshape(-1, 3).astype(np.float32)
-    centred = pixels - pixels.mean(0)
-    _, axes = np.linalg.eigh(centred.T @ centred)
-    # Projected on the main colour axis, text and background separate even when their brightness is alike.
-    projected = cv2.normalize(centred @ axes[:, -1], None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
-    _, split = cv2.threshold(projected, 0, 1, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    split = split.reshape(crop.shape[:2]).astype(bool)
-    border = np.ones_like(split)
-    border[1:-1, 1:-1] = False
-    return ~split if split[border].mean() > 0.5 else split
-
-
-def _inside(quad: np.ndarray, region: np.ndarray) -> bool:
-    x, y = np.clip(quad.mean(0).round().astype(int), 0, np.array(region.shape[::-1]) - 1)
-    return bool(region[y, x])
 
 
 def _sha256_prefix(path: Path | str) -> str:
