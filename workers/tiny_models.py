@@ -6,6 +6,7 @@ checkpoint. The parts come from the trainer's tiny models (trainer/tiny_flux.py)
 """
 from __future__ import annotations
 
+import json
 import os
 import string
 from pathlib import Path
@@ -29,7 +30,7 @@ def build_tiny(name: str) -> Path:
                 "flux-kontext": build_tiny_kontext, "flux-fill": build_tiny_fill,
                 "qwen-image-edit": build_tiny_qwen_image_edit,
                 "clip": build_tiny_clip, "grounding-dino": build_tiny_grounding_dino, "sam2": build_tiny_sam2,
-                "lama": build_tiny_lama, "qwen2.5-vl": build_tiny_qwen25vl_chat}
+                "lama": build_tiny_lama, "qwen2.5-vl": build_tiny_qwen25vl_chat, "marian": build_tiny_marian}
     if name not in builders:
         raise ValueError(f"no tiny model {name!r}; there are: {', '.join(sorted(builders))}")
     return builders[name]()
@@ -239,8 +240,58 @@ def build_tiny_lama(path: str | Path | None = None, seed: int = 0) -> Path:
     return publish(path, _TorchScript(TinyLama().eval(), LAMA_FILE))
 
 
+# --- the translation fallback (workers/translate.py) ------------------------------------------------------------
+
+# The SentencePiece model's training text: instructions in both languages, so both scripts segment to known pieces.
+MARIAN_CORPUS = ("Make the red car parked on the left dark blue.", "把停在左边的红色汽车改成深蓝色。",
+                 "Turn the whole street into a watercolour painting with soft edges.", "把整条街道变成边缘柔和的水彩画。",
+                 "Remove the person standing next to the door.", "移除站在门旁边的人。",
+                 "Add a small white dog sitting on the grass.", "在草地上添加一只坐着的小白狗。")
+
+
+def build_tiny_marian(path: str | Path | None = None, seed: int = 0) -> Path:
+    """A MarianMTModel (width 32, one layer each side) with a MarianTokenizer: a character-level SentencePiece
+    model trained here on `MARIAN_CORPUS` (one thread, so the same pieces every build) serves as both the source
+    and the target spm, with a vocab.json in Marian's order (`</s>` 0, `<unk>` 1, `<pad>` last: opus-mt's
+    decoder starts from `<pad>`). Idempotent like `build_tiny_kontext`."""
+    path = Path(path) if path else tiny_models_dir() / "tiny-marian"
+    if (path / "config.json").exists():
+        return path
+    import io
+    import tempfile
+
+    import sentencepiece
+    from transformers import MarianConfig, MarianMTModel, MarianTokenizer
+
+    spm = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(MARIAN_CORPUS), model_writer=spm, model_type="char", vocab_size=len(
+            set("".join(MARIAN_CORPUS))) + 3, character_coverage=1.0, num_threads=1, minloglevel=2,
+        unk_id=0, bos_id=-1, eos_id=1, pad_id=-1, unk_piece="<unk>", eos_piece="</s>")
+    processor = sentencepiece.SentencePieceProcessor(model_proto=spm.getvalue())
+    pieces = [processor.id_to_piece(i) for i in range(processor.get_piece_size())]
+    ordered = ["</s>", "<unk>"] + [p for p in pieces if p not in ("</s>", "<unk>")] + ["<pad>"]
+    pad = len(ordered) - 1
+    config = MarianConfig(vocab_size=len(ordered), d_model=32, encoder_layers=1, decoder_layers=1,
+                          encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                          decoder_ffn_dim=64, max_position_embeddings=256, pad_token_id=pad, eos_token_id=0,
+                          decoder_start_token_id=pad, forced_eos_token_id=0)
+    torch.manual_seed(seed)
+    model = MarianMTModel(config)
+    # MarianTokenizer reads its spm and vocab from files, and its save_pretrained copies those files: the
+    # folder lives until the build is published.
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {name: str(Path(tmp) / name) for name in ("source.spm", "target.spm", "vocab.json")}
+        for name in ("source.spm", "target.spm"):
+            Path(files[name]).write_bytes(spm.getvalue())
+        Path(files["vocab.json"]).write_text(json.dumps({p: i for i, p in enumerate(ordered)}, ensure_ascii=False))
+        tokenizer = MarianTokenizer(files["source.spm"], files["target.spm"], files["vocab.json"],
+                                    model_max_length=256)
+        return publish(path, model, tokenizer)
+
+
 if __name__ == "__main__":
     print(build_tiny_kontext())
     print(build_tiny_qwen_image_edit())
-    for name in ("flux-fill", "clip", "grounding-dino", "sam2", "lama"):
+    for name in ("flux-fill", "clip", "grounding-dino", "sam2", "lama", "marian"):
         print(build_tiny(name))

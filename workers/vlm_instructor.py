@@ -9,6 +9,9 @@ grounded, feasible, matches the task, changes the image, right languages), up to
   keep     with every check true, and each side in its language by lingua (quoted text aside): it passes;
   rewrite  the fixed instruction is what the next attempt judges, so a rewrite needs one more attempt to pass;
   reject   the same instruction is judged again (a sampled judge may differ; a greedy one will not).
+With a `translate` block (workers/translate.py), a proposal or rewrite with one side empty has that side
+translated from the other (the trace's `translated` says from which language, by which model) and is judged as
+written: the reflection and lingua read the translation like any other side.
 Editors that do not follow instructions propose their own ops, as with the rule-based instructor.
 
 Recipe block (`instruct.vlm`, with `instruct.backend: vlm`):
@@ -17,11 +20,12 @@ Recipe block (`instruct.vlm`, with `instruct.backend: vlm`):
              model: Qwen/Qwen2.5-VL-72B-Instruct}          # any workers/vlm.py config
     prompt_language: en                                    # the templates' variant the VLM reads
     reflection_attempts: 3
+    translate: {zh_en: Helsinki-NLP/opus-mt-zh-en, en_zh: Helsinki-NLP/opus-mt-en-zh}   # optional
     propose_max_new_tokens: 1536                           # reflect_max_new_tokens: 384
 
 A candidate that cannot become a pair raises `InstructionRejected` from `propose` (a `Rejected` carrying the
 trace for the ledger row's provenance), with one of these reasons, never a guessed instruction:
-  instruction_missing_language  the proposal wrote one language only
+  instruction_missing_language  the proposal wrote one language only, and no `translate` block fills the other
   reflection_failed             no attempt passed; the last one rejected, failed a check, or rewrote
   instruction_wrong_language    the last attempt kept an instruction whose side lingua finds in another language
   vlm_truncated, vlm_unparseable, vlm_schema_mismatch, vlm_refused, vlm_bad_request, api_malformed_response
@@ -31,7 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib.metadata import version
@@ -44,6 +48,7 @@ from manifests.config import Strict
 from manifests.rejected import ItemFailed, Rejected
 from workers.base import Editor, Proposal, Subject
 from workers.rule_instructor import RuleInstructor
+from workers.translate import TranslateConfig, Translator
 from workers.vlm import VlmAnswer, VlmConfig, VlmRequest, build_vlm, excerpt
 from workers.vlm_prompts import LANGUAGES, NAMED_TASKS, Language, RenderedPrompt, render
 
@@ -65,6 +70,7 @@ class VlmInstructConfig(Strict):
     reflection_attempts: int = Field(3, ge=1, le=10)  # judgements per instruction
     propose_max_new_tokens: int = Field(1536, ge=1)  # ~40 tokens per side per task, 15 tasks, JSON around them
     reflect_max_new_tokens: int = Field(384, ge=1)  # a critique, five booleans and the instruction again
+    translate: TranslateConfig | None = None  # fills a side the VLM left empty; without it that is a rejection
 
 
 class InstructionRejected(Rejected):
@@ -112,6 +118,7 @@ class VlmInstructor:
         self.rules = RuleInstructor(min_area, max_area)
         self.cfg, self.tasks = cfg, tuple(tasks)
         self.vlm = build_vlm(cfg.worker)  # cheap: the model loads, or the key is read, on the first call
+        self.translator = Translator(cfg.translate) if cfg.translate else None  # loads on its first translation
         self._image: _Image | None = None  # the stage asks about one image at a time
 
     def analyze(self, image: np.ndarray) -> Subject | None:
@@ -134,9 +141,10 @@ class VlmInstructor:
         return outcome
 
     def provenance(self) -> dict:
+        translate = {"translate": self.translator.provenance()} if self.translator else {}
         return {"worker": self.name, "version": VERSION, "vlm": self.vlm.provenance(),
                 "prompt_language": self.cfg.prompt_language, "reflection_attempts": self.cfg.reflection_attempts,
-                "language_id": LANGUAGE_ID}
+                "language_id": LANGUAGE_ID, **translate}
 
     def _proposal(self, image: np.ndarray) -> _Image:
         key = f"{hashlib.blake2b(np.ascontiguousarray(image), digest_size=16).hexdigest()}-{image.shape}"
@@ -166,22 +174,26 @@ class VlmInstructor:
         trace["proposed"] = proposed
         if not any(proposed.values()):
             return None  # the VLM found the task unsuitable for this image
-        if not all(proposed.values()):
-            written = [lang for lang in LANGUAGES if proposed[lang]]
-            return InstructionRejected("instruction_missing_language", f"the proposal wrote only {written}",
-                                       {**trace, "verdict": "instruction_missing_language"})
         candidate, attempts = proposed, []
+        if not all(proposed.values()):
+            filled = self._fill(proposed)
+            if filled is None:
+                written = [lang for lang in LANGUAGES if proposed[lang]]
+                return InstructionRejected("instruction_missing_language", f"the proposal wrote only {written}",
+                                           {**trace, "verdict": "instruction_missing_language"})
+            candidate, trace["translated"] = filled
         for _ in range(self.cfg.reflection_attempts):
             prompt = render("reflect", self.cfg.prompt_language, task=task, instruction_en=candidate["en"],
                             instruction_zh=candidate["zh"])
             seed = int(rng.integers(1 << 31))
             attempt, candidate = _review(self._ask(image, prompt, self.cfg.reflect_max_new_tokens, seed),
-                                         candidate, seed)
+                                         candidate, seed, self._fill)
             attempts.append(attempt)
             if attempt["outcome"] == "passed":
                 break
         # The instruction slots are not part of the hash, so every attempt of a task shares it.
         trace.update(reflect={"template": prompt.template_id, "sha256": prompt.sha256}, attempts=attempts)
+        trace.update(self.provenance())  # models loaded since the trace began: their real revision, dtype, device
         last = attempts[-1]
         if last["outcome"] == "passed":
             return Proposal(task, f"{task}.vlm", {"instruct": {**trace, "verdict": "passed"}},
@@ -192,8 +204,26 @@ class VlmInstructor:
                                            f"{said}", {**trace, "verdict": reason})
 
 
-def _review(item: VlmAnswer | Rejected, reviewed: dict[str, str], seed: int) -> tuple[dict, dict[str, str]]:
-    """One attempt's record, and the instruction the next attempt judges."""
+    def _fill(self, instruction: dict[str, str]) -> tuple[dict[str, str], dict] | None:
+        """`instruction` with its empty side translated from the written one, and the trace's record of it; None
+        without a translator, or when the translation comes out empty."""
+        if self.translator is None:
+            return None
+        source = next(lang for lang in LANGUAGES if instruction[lang])
+        target = next(lang for lang in LANGUAGES if lang != source)
+        [text] = self.translator.translate([instruction[source]], source)
+        if not text:
+            return None
+        return {**instruction, target: text}, {"from": source, "model": self.translator.model_for(source)}
+
+
+Fill = Callable[[dict[str, str]], tuple[dict[str, str], dict] | None]
+
+
+def _review(item: VlmAnswer | Rejected, reviewed: dict[str, str], seed: int,
+            fill: Fill) -> tuple[dict, dict[str, str]]:
+    """One attempt's record, and the instruction the next attempt judges; a rewrite with one side empty has it
+    filled by `fill` when it can."""
     record = {"seed": seed, "reviewed": reviewed,
               "languages": {lang: language_of(reviewed[lang]) for lang in LANGUAGES}}
     if isinstance(item, Rejected):
@@ -201,6 +231,10 @@ def _review(item: VlmAnswer | Rejected, reviewed: dict[str, str], seed: int) -> 
     reply = item.parsed
     record["reply"] = reply
     rewritten = {"en": reply["instruction_en"].strip(), "zh": reply["instruction_zh"].strip()}
+    if reply["verdict"] == "rewrite" and any(rewritten.values()) and not all(rewritten.values()):
+        filled = fill(rewritten)
+        if filled is not None:
+            rewritten, record["translated"] = filled
     if reply["verdict"] == "rewrite" and all(rewritten.values()):
         return {**record, "outcome": "rewritten"}, rewritten
     if reply["verdict"] == "keep" and all(reply[check] for check in CHECKS):
