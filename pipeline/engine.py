@@ -18,7 +18,7 @@ from ray.data import ActorPoolStrategy
 from tqdm import tqdm
 
 from manifests.commit import atomic_write_bytes, discard_uncommitted
-from manifests.fragments import done_ids, read_units, write_fragment
+from manifests.fragments import done_ids, list_fragments, read_units, write_fragment
 from manifests.ledger import build_ledger
 from manifests.schema import COLUMNS, META_COLUMNS, ROW_STAGES
 from manifests.shards import committed_shards, discard_orphan_tars
@@ -78,10 +78,13 @@ def run_fused(recipe, ctx: StageContext, run_dir: Path) -> int:
     if balance.mode == "open_loop":
         written = _chain(recipe, ctx, out, units, None)
     else:
-        written, log = 0, []
+        written, log, scored = 0, [], ScoredRows(out)
         for start in range(0, len(units), balance.window):
             window = units[start:start + balance.window]
-            weights, yields = _window_weights(recipe, out, window, units_before=start)
+            first = window[0]["index"] * POSITION_STRIDE  # the rows of units before the window
+            earlier = [r for r in scored.refresh() if r["position"] is not None and r["position"] < first]
+            weights, yields = window_weights(recipe.instruct, frozenset(recipe.edit.routes()), earlier, start,
+                                             len(window))
             log.append({"window": len(log), "units": [u["index"] for u in window],
                         "weights": {t: round(w, 4) for t, w in sorted(weights.items())},
                         "yield_estimates": {t: round(y, 4) for t, y in sorted(yields.items())}})
@@ -91,13 +94,21 @@ def run_fused(recipe, ctx: StageContext, run_dir: Path) -> int:
     return written
 
 
-def _window_weights(recipe, out: Path, window: list[dict], units_before: int) -> tuple[dict, dict]:
-    """The window's weights from the scored rows of the units before it (all committed: each window finishes
-    before the next starts, so a resumed run computes the same weights)."""
-    first = window[0]["index"] * POSITION_STRIDE
-    rows = read_units(out, columns=["unit_id", "task", "status", "position"]).to_pylist()
-    scored = [r for r in rows if r.get("position") is not None and r["position"] < first]
-    return window_weights(recipe.instruct, frozenset(recipe.edit.routes()), scored, units_before, len(window))
+class ScoredRows:
+    """The committed score rows' (task, status, position), one per unit (the first copy, as `read_units`), each
+    fragment read once however many windows ask. The earlier windows are all committed before a window starts,
+    so a resumed run computes the same weights."""
+
+    def __init__(self, directory: Path):
+        self.directory, self.read, self.rows = directory, set(), {}
+
+    def refresh(self) -> list[dict]:
+        for path in list_fragments(self.directory):
+            if path.name not in self.read:
+                self.read.add(path.name)
+                for row in pq.read_table(path, columns=["unit_id", "task", "status", "position"]).to_pylist():
+                    self.rows.setdefault(row["unit_id"], row)
+        return list(self.rows.values())
 
 
 def _chain(recipe, ctx: StageContext, out: Path, units: list[dict], weights: dict | None) -> int:

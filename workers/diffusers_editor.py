@@ -31,8 +31,8 @@ from manifests.buckets import nearest_bucket
 from manifests.config import Strict
 from manifests.taxonomy import task_by_name
 from workers.base import EditOutput, EditRequest
-from workers.model_lifecycle import (ItemFailed, LazyModel, ModelSource, library_versions, need, pick_device,
-                                     resolve_model, run_batched, torch_dtype)
+from workers.model_lifecycle import (ItemFailed, LazyModel, ModelSource, diffusers_pipeline, library_versions, need,
+                                     resolve_model, run_batched)
 
 VERSION = "1"  # bumped when what the editor does around the model (sizes, seeding, prompt) changes
 Resolution = Literal["buckets"] | int
@@ -114,13 +114,8 @@ class DiffusersEditor:
         return frozenset(self.cfg.tasks)
 
     def _load(self):
-        diffusers = need("diffusers")
         self._source = resolve_model(self.cfg.model, self.cfg.revision)
-        device = pick_device()
-        pipe = getattr(diffusers, self.cfg.pipeline).from_pretrained(
-            self._source.path, dtype=torch_dtype(self.cfg.dtype, device), use_safetensors=True)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe.to(device)
+        return diffusers_pipeline(self.cfg.pipeline, self._source, self.cfg.dtype)
 
     def edit(self, images: list[np.ndarray], requests: list[EditRequest]) -> list[EditOutput | ItemFailed]:
         if len(images) != len(requests):

@@ -158,6 +158,16 @@ def library_versions(*names: str) -> dict[str, str | None]:
 
 
 
+def diffusers_pipeline(class_name: str, source: ModelSource, dtype: str, **components):
+    """A diffusers pipeline from its folder on the actor's device in the recipe's dtype, weights as safetensors,
+    progress bars off (one per call would flood the actor's log); `components` replace loaded ones."""
+    device = pick_device()
+    pipe = getattr(need("diffusers"), class_name).from_pretrained(
+        source.path, dtype=torch_dtype(dtype, device), use_safetensors=True, **components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
 class TransformersPair:
     """A transformers model and its processor, by hub id or folder, loaded once on first use (`pair()`), on
     the actor's device in the recipe's dtype, weights as safetensors. Subclasses name the two classes and may

@@ -33,8 +33,8 @@ from PIL import Image, ImageDraw, ImageFont
 from pydantic import Field
 
 from manifests.config import Strict
-from workers.model_lifecycle import (ItemFailed, LazyModel, ModelSource, library_versions, need, pick_device,
-                                     resolve_model, run_batched, torch_dtype)
+from workers.model_lifecycle import (ItemFailed, LazyModel, ModelSource, diffusers_pipeline, library_versions, need,
+                                     pick_device, resolve_model, run_batched, torch_dtype)
 
 VERSION = "1"  # bumped when the inputs built around the model (panel, layout, prompt, sizes) change
 # TextFlux's prompt, as it was trained (TextFlux run_inference.py): CLIP reads it with `words` empty, T5 with the
@@ -121,10 +121,7 @@ class TextFill:
             source = self._sources["transformer"] = resolve_model(cfg.transformer, cfg.transformer_revision)
             parts["transformer"] = diffusers.FluxTransformer2DModel.from_pretrained(
                 source.path, subfolder=cfg.transformer_subfolder, dtype=dtype, use_safetensors=True)
-        pipe = diffusers.FluxFillPipeline.from_pretrained(self._sources["model"].path, dtype=dtype,
-                                                          use_safetensors=True, **parts)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe.to(device)
+        return diffusers_pipeline("FluxFillPipeline", self._sources["model"], cfg.dtype, **parts)
 
     def edit_size(self, height: int, width: int) -> tuple[int, int]:
         """(h, w) of the scene panel: short side `resolution`, sides floored to multiples of 32."""

@@ -11,8 +11,8 @@ from pydantic import Field
 
 from manifests.config import Strict
 from manifests.rejected import ItemFailed
-from workers.model_lifecycle import (LazyModel, library_versions, need, pick_device, resolve_model, run_batched,
-                                     torch_dtype)
+from workers.model_lifecycle import (LazyModel, ModelSource, diffusers_pipeline, library_versions, need,
+                                     resolve_model, run_batched)
 
 VERSION = "1"
 
@@ -34,18 +34,12 @@ class TextToImage:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.device = ""
         self._pipe = LazyModel(self._load)
-        self.revision: str | None = None
+        self._source: ModelSource | None = None
 
     def _load(self):
-        diffusers = need("diffusers")
-        source = resolve_model(self.cfg.model, self.cfg.revision)
-        self.revision, self.device = source.revision, pick_device()
-        dtype = torch_dtype(self.cfg.dtype, self.device)
-        pipe = diffusers.FluxPipeline.from_pretrained(source.path, dtype=dtype, use_safetensors=True)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe.to(self.device)
+        self._source = resolve_model(self.cfg.model, self.cfg.revision)
+        return diffusers_pipeline("FluxPipeline", self._source, self.cfg.dtype)
 
     def generate(self, prompts: list[str], seeds: list[int]) -> list[np.ndarray | ItemFailed]:
         """One RGB uint8 image per prompt; each depends only on its prompt and seed."""
@@ -64,8 +58,11 @@ class TextToImage:
         return images
 
     def provenance(self) -> dict:
-        return {"worker": "text_to_image", "version": VERSION, "model": self.cfg.model, "revision": self.revision,
-                "dtype": self.cfg.dtype if self.device != "cpu" else "float32", "device": self.device,
+        pipe = self._pipe.model  # the dtype and device really used, once loaded
+        return {"worker": "text_to_image", "version": VERSION, "model": self.cfg.model,
+                "revision": (self._source and self._source.revision) or self.cfg.revision,
+                "dtype": str(pipe.dtype).removeprefix("torch.") if pipe else self.cfg.dtype,
+                "device": pipe.device.type if pipe else None,
                 "steps": self.cfg.steps, "guidance": self.cfg.guidance, "size": self.cfg.size,
                 "max_sequence_length": self.cfg.max_sequence_length, "suffix": self.cfg.suffix,
                 "libraries": library_versions("diffusers", "torch"), "load_seconds": self._pipe.load_seconds}
