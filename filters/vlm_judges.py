@@ -87,6 +87,7 @@ class _VlmJudge:
 
     backend: ClassVar[str]
     names: ClassVar[tuple[str, ...]]  # every score it writes
+    ranges: ClassVar[dict[str, tuple[float, float]]]  # each score's [low, high], as the prompts' schemas bound them
 
     def __init__(self, cfg: ImgEditJudgeConfig | VieScoreConfig) -> None:
         self.cfg = cfg
@@ -108,6 +109,8 @@ class ImgEditJudge(_VlmJudge):
     backend = "imgedit_judge"
     Config = ImgEditJudgeConfig
     names = ("judge_instruction", "judge_naturalness", "judge_sum", "judge_objects_match")
+    ranges = {"judge_instruction": (1.0, 5.0), "judge_naturalness": (1.0, 5.0), "judge_sum": (2.0, 10.0),
+              "judge_objects_match": (0.0, 1.0)}
 
     def score(self, pairs: Sequence[EditPair]) -> list[Scored | ItemFailed]:
         cfg = self.cfg
@@ -135,6 +138,7 @@ class VieScore(_VlmJudge):
     backend = "viescore"
     Config = VieScoreConfig
     names = (*_SC, *_PQ, "viescore_o")
+    ranges = {**dict.fromkeys(names, (0.0, 10.0)), "viescore_sc_sum": (0.0, 20.0)}
 
     def score(self, pairs: Sequence[EditPair]) -> list[Scored | ItemFailed]:
         """One ask for both prompts of every pair: SC sees both images, PQ the edited one only (§5)."""

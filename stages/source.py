@@ -1,11 +1,21 @@
 """Source stage: read input units, decode safely, check size and aspect, pre-filter, re-encode.
 
+The pre-filter is the source's own score (a sidecar field such as `aesthetic_score`, else a heuristic stand-in)
+and, when the recipe names one, the learned aesthetic predictor on every image that passes it:
+
+    source:
+      prefilter: {key: aesthetic_score, min: 5.0}
+      aesthetic: {model: google/siglip-so400m-patch14-384, head: /models/aesthetic_predictor_v2_5.pth, min: 4.5}
+
+`aesthetic` is then stored with the row's scores, and an image below its `min` is rejected (`low_aesthetic`).
+
 Input rows are read units (a tar, a chunk of a folder, a chunk of the bundled samples), one per batch; the
 stage yields sample rows in small batches so a big tar never sits in memory at once.
 """
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Iterator, Literal
 
@@ -24,6 +34,7 @@ from stages.base import Stage, end_row, to_table
 from workers import sample_images
 from workers.prompt_check import KeywordPromptCheck
 from workers.text_to_image import TextToImage
+from workers.vision_encoders import AestheticModel, AestheticPredictor
 
 POSITION_STRIDE = 1_000_000  # position = unit index * stride + ordinal in the unit
 EMIT_EVERY = 8  # rows per yielded batch
@@ -60,6 +71,13 @@ class Prefilter(Strict):
     min: float | None = None  # below → rejected; the score is stored either way
 
 
+class SourceAesthetic(AestheticModel):
+    """Aesthetic Predictor V2.5 (reference §1.11) on each source image, as the reference gates its inputs
+    (§1.5: aesthetic ≥ 4.5); the model loads on the first image that reaches it."""
+
+    min: float | None = None  # below → rejected (low_aesthetic); the score is stored either way
+
+
 class SourceConfig(Strict):
     min_side: int = Field(512, ge=1)
     max_aspect: float = Field(2.5, ge=1)
@@ -67,6 +85,7 @@ class SourceConfig(Strict):
     work_short_side: int = Field(512, ge=0)  # resize so the short side is this; 0 keeps the size
     jpeg_quality: int = Field(95, ge=50, le=100)
     prefilter: Prefilter = Prefilter()
+    aesthetic: SourceAesthetic | None = None  # the learned pre-filter, after the cheap one
 
 
 def plan_units(cfg: InputConfig) -> list[dict]:
@@ -103,6 +122,8 @@ class SourceStage(Stage):
         synthetic = self.input_cfg.synthetic
         if synthetic is not None:  # built cheaply; the model loads on the first prompt unit
             self.generator, self.prompt_check = TextToImage(synthetic.generator), KeywordPromptCheck(synthetic.check)
+        aesthetic = self.source_cfg.aesthetic
+        self.aesthetic = AestheticPredictor(aesthetic) if aesthetic is not None else None  # loads nothing yet
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
         for unit_row in batch.to_pylist():
@@ -189,9 +210,24 @@ class SourceStage(Stage):
         if cfg.prefilter.min is not None and score < cfg.prefilter.min:
             row["thresholds"] = json.dumps([{"score": "prefilter", "min": cfg.prefilter.min}])
             return end_row(row, REJECTED, self.name, "prefilter", f"{origin} score {score:.3f} < {cfg.prefilter.min}")
+        if self.aesthetic is not None:
+            value, floor = self._aesthetic(row, image), cfg.aesthetic.min
+            if floor is not None and value < floor:
+                row["thresholds"] = json.dumps([{"score": "aesthetic", "min": floor}])
+                return end_row(row, REJECTED, self.name, "low_aesthetic", f"aesthetic {value:.3f} < {floor}")
         image = resize_short_side(image, cfg.work_short_side)
         row.update(src=encode_jpeg(image, cfg.jpeg_quality), height=image.shape[0], width=image.shape[1])
         return row
+
+    def _aesthetic(self, row: dict, image: np.ndarray) -> float:
+        """The learned aesthetic score, added to the row's scores, and its model to the row's source_meta."""
+        [value] = self.aesthetic.predict([image])
+        if not math.isfinite(value):  # a broken model (fp16 overflow): it fails the row, never judges it
+            raise ValueError(f"the aesthetic predictor gave {value}")
+        row["scores"] = json.dumps({**json.loads(row["scores"]), "aesthetic": value})
+        model = {**self.aesthetic.provenance(), "load_seconds": self.aesthetic.load_seconds}
+        row["source_meta"] = json.dumps({**json.loads(row["source_meta"]), "aesthetic": model}, ensure_ascii=False)
+        return value
 
     def _prefilter(self, image: np.ndarray, meta: dict) -> tuple[float, str]:
         value = meta.get(self.source_cfg.prefilter.key)

@@ -229,7 +229,7 @@ def test_scorer_blocks_are_validated_with_the_recipe():
     with pytest.raises(RecipeError, match=r"score\.scorers\.judge\.imgedit_judge\.replies: Extra inputs"):
         parse_recipe({"name": "x", "score": {"scorers": {"judge": {**judge, "replies": "text"}}}}, "r.yaml")
     with pytest.raises(RecipeError, match="does not match any of the expected tags"):
-        parse_recipe({"name": "x", "score": {"scorers": {"judge": {**judge, "backend": "clip"}}}}, "r.yaml")
+        parse_recipe({"name": "x", "score": {"scorers": {"judge": {**judge, "backend": "no_such_scorer"}}}}, "r.yaml")
 
 
 # --- the tiny random-weight Qwen2.5-VL ----------------------------------------------------------------------------

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from workers.model_lifecycle import TransformersPair, need
+from workers.model_lifecycle import need
+from workers.vision_encoders import ClipEncoder
 
 ROUTE = "clip-zero-shot"
 
@@ -54,10 +55,8 @@ def load_vocabulary(name: str = "removal_tags.yaml") -> Vocabulary:
     return Vocabulary(prompt=data["prompt"], tags=tags, sha256=hashlib.sha256(text.encode()).hexdigest()[:16])
 
 
-class ClipTagger(TransformersPair):
+class ClipTagger(ClipEncoder):
     """CLIP zero-shot over a closed vocabulary: (tag, probability) pairs, best first."""
-
-    model_class, processor_class = "CLIPModel", "CLIPProcessor"
 
     def __init__(self, model: str, revision: str | None, dtype: str, vocabulary: Vocabulary, top_k: int,
                  threshold: float) -> None:
@@ -65,21 +64,14 @@ class ClipTagger(TransformersPair):
         self.vocabulary, self.top_k, self.threshold = vocabulary, top_k, threshold
 
     def _load(self):
-        torch = need("torch")
         model, processor = super()._load()
         prompts = [self.vocabulary.prompt.format(en=tag.en) for tag in self.vocabulary.tags]
-        tokens = processor(text=prompts, return_tensors="pt", padding=True).to(model.device)
-        with torch.inference_mode():  # the vocabulary's embeddings, once
-            text = model.get_text_features(**tokens).pooler_output.float()
-        return model, processor, torch.nn.functional.normalize(text, dim=-1)
+        return model, processor, self.encode_texts(model, processor, prompts)  # the vocabulary's, once
 
     def tag(self, image: np.ndarray) -> list[tuple[Tag, float]]:
-        torch = need("torch")
-        model, processor, text = self.pair()
-        pixels = processor(images=image, return_tensors="pt").to(model.device, model.dtype)
-        with torch.inference_mode():
-            embedding = model.get_image_features(**pixels).pooler_output.float()
-            embedding = torch.nn.functional.normalize(embedding, dim=-1)
+        model, _, text = self.pair()
+        embedding = self.image_features([image])
+        with need("torch").inference_mode():
             probs = (model.logit_scale.exp().float() * embedding @ text.T).softmax(-1)[0].cpu().numpy()
         best = np.argsort(-probs, kind="stable")[:self.top_k]
         return [(self.vocabulary.tags[i], float(probs[i])) for i in best if probs[i] >= self.threshold]

@@ -71,10 +71,21 @@ def resolve_model(model: str, revision: str | None = None) -> ModelSource:
     return ModelSource(path, model, path.name)  # .../snapshots/<commit>
 
 
-def pick_device() -> str:
-    """The GPU Ray assigned this actor (it sets CUDA_VISIBLE_DEVICES, so it is always cuda:0), else the CPU."""
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def pick_device(requested: str = "auto") -> str:
+    """The GPU Ray assigned this actor (it sets CUDA_VISIBLE_DEVICES, so it is always cuda:0), else the CPU;
+    a recipe may pin a worker to "cpu" (a light model beside a GPU editor), or to "cuda", which then fails
+    at load on an actor without a GPU instead of running on its CPU unnoticed."""
+    if requested not in DEVICES:
+        raise ValueError(f"device {requested!r} is not one of {DEVICES}")
     torch = need("torch")
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device cuda requested, but this actor sees no GPU (give its stage num_gpus)")
+    return requested
 
 
 def torch_dtype(name: str, device: str):
@@ -170,22 +181,22 @@ def diffusers_pipeline(class_name: str, source: ModelSource, dtype: str, **compo
 
 class TransformersPair:
     """A transformers model and its processor, by hub id or folder, loaded once on first use (`pair()`), on
-    the actor's device in the recipe's dtype, weights as safetensors. Subclasses name the two classes and may
+    the actor's device (or the recipe's, `pick_device`) in the recipe's dtype, weights as safetensors. Subclasses name the two classes and may
     extend `_load` (e.g. to precompute embeddings) and `provenance`."""
 
     model_class: ClassVar[str]  # e.g. "Sam2Model"
     processor_class: ClassVar[str]  # e.g. "Sam2Processor"
 
-    def __init__(self, model: str, revision: str | None, dtype: str) -> None:
+    def __init__(self, model: str, revision: str | None, dtype: str, device: str = "auto") -> None:
         """Loads nothing."""
-        self.model_name, self.revision, self.dtype = model, revision, dtype
+        self.model_name, self.revision, self.dtype, self.device = model, revision, dtype, device
         self._source: ModelSource | None = None
         self._model = LazyModel(self._load)
 
     def _load(self) -> tuple:
         transformers = need("transformers")
         self._source = resolve_model(self.model_name, self.revision)
-        device = pick_device()
+        device = pick_device(self.device)
         model = getattr(transformers, self.model_class).from_pretrained(
             self._source.path, dtype=torch_dtype(self.dtype, device), use_safetensors=True)
         processor = getattr(transformers, self.processor_class).from_pretrained(self._source.path)

@@ -15,6 +15,7 @@ import torch
 
 from trainer.tiny_flux import build_tiny_flux, clip_tokenizer, flux_components, publish, qwen25vl_parts
 from workers.lama import LAMA_FILE
+from workers.tiny_vision import build_tiny_dinov2, build_tiny_siglip_aesthetic
 
 TINY_MODELS_ENV = "X2EDIT_TINY_MODELS"
 DEFAULT_DIR = Path(__file__).resolve().parents[1] / "models"  # gitignored
@@ -30,7 +31,10 @@ def build_tiny(name: str) -> Path:
                 "flux-kontext": build_tiny_kontext, "flux-fill": build_tiny_fill,
                 "qwen-image-edit": build_tiny_qwen_image_edit,
                 "clip": build_tiny_clip, "grounding-dino": build_tiny_grounding_dino, "sam2": build_tiny_sam2,
-                "lama": build_tiny_lama, "qwen2.5-vl": build_tiny_qwen25vl_chat, "marian": build_tiny_marian}
+                "lama": build_tiny_lama, "qwen2.5-vl": build_tiny_qwen25vl_chat, "marian": build_tiny_marian,
+                # the learned scorers' encoders (CLIP: "clip" above)
+                "siglip-aesthetic": lambda: build_tiny_siglip_aesthetic(tiny_models_dir() / "tiny-siglip-aesthetic"),
+                "dinov2": lambda: build_tiny_dinov2(tiny_models_dir() / "tiny-dinov2")}
     if name not in builders:
         raise ValueError(f"no tiny model {name!r}; there are: {', '.join(sorted(builders))}")
     return builders[name]()
@@ -293,5 +297,5 @@ def build_tiny_marian(path: str | Path | None = None, seed: int = 0) -> Path:
 if __name__ == "__main__":
     print(build_tiny_kontext())
     print(build_tiny_qwen_image_edit())
-    for name in ("flux-fill", "clip", "grounding-dino", "sam2", "lama", "marian"):
+    for name in ("flux-fill", "clip", "grounding-dino", "sam2", "lama", "marian", "siglip-aesthetic", "dinov2"):
         print(build_tiny(name))
