@@ -2,8 +2,8 @@
 
 A row is one unit of work. Before the instruct stage a unit is a source sample (unit_id = sample_id);
 the instruct stage fans a sample out into candidate pairs (unit_id = pair_id), one per task. Rows that a
-stage ends (rejected / failed) keep travelling, without their images, so the last stage sees every unit
-exactly once and the ledger is built from one place.
+stage ends (rejected / failed) keep travelling, without their images (except the score policy's rejections,
+kept for `refilter`), so the last stage sees every unit exactly once and the ledger is built from one place.
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ ROW_SCHEMA = pa.schema([
     *[(f"t_{stage}", pa.float64()) for stage in ROW_STAGES],
 ])
 COLUMNS = tuple(ROW_SCHEMA.names)
-HEAVY_COLUMNS = ("src", "edited", "mask")  # dropped when a row ends
+HEAVY_COLUMNS = ("src", "edited", "mask")  # dropped when a row ends (kept by the score policy's rejections)
 # What the pack plan and the ledger read: no images, no thumbnails (only the report shows those).
 META_COLUMNS = tuple(c for c in COLUMNS if c not in HEAVY_COLUMNS + ("thumb",))
 

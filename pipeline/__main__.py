@@ -3,6 +3,7 @@
     python -m pipeline run --recipe default-cpu --run-dir runs/default            # fused, embedded Ray
     python -m pipeline run --recipe R --stage source --run-dir D                  # one stage (e.g. a Ray job)
     ray job submit --working-dir . -- python -m pipeline run --recipe R --stage edit --run-dir D
+    python -m pipeline refilter --run-dir D --recipe R2 --out D2                  # R2's policy, no model re-run
 
 Stages: source, instruct, edit, score, pack; each per-stage job starts only once the previous stage has
 finished. Rerunning on the same run dir resumes: committed work is skipped, uncommitted leftovers are
@@ -26,6 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--stage", choices=STAGES, help="run only this stage (default: all, fused)")
     run.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS if set, else a fresh embedded "
                                        "cluster on 127.0.0.1, whatever else runs on the machine)")
+    refilter = sub.add_parser("refilter", help="a new corpus version of a finished run under another recipe's "
+                                               "score policy, without running any model")
+    refilter.add_argument("--run-dir", required=True, help="the finished run")
+    refilter.add_argument("--recipe", required=True, help="recipe whose score rules to apply")
+    refilter.add_argument("--out", required=True, help="new run dir for the re-filtered corpus")
+    refilter.add_argument("--address", help="join this Ray cluster for packing (default: as for run)")
     args = parser.parse_args(argv)
 
     from pipeline.recipe import RecipeError
@@ -33,7 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.stage_state import StageNotReady
 
     try:
-        run_pipeline(args.recipe, args.run_dir, args.stage, args.address)
+        if args.command == "refilter":
+            from pipeline.refilter import refilter as refilter_run
+
+            refilter_run(args.run_dir, args.recipe, args.out, args.address)
+        else:
+            run_pipeline(args.recipe, args.run_dir, args.stage, args.address)
     except (RecipeError, StageNotReady) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -89,9 +89,17 @@ def run(recipe_spec: str, run_dir: str, stage: str | None = None, address: str |
         print(f"[x2edit] stage {stage}: committed {n} rows")
         _log_invocation(root, stage, time.perf_counter() - start)
         return None
+    return pack_corpus(recipe, ctx, root, stage or "fused", start)
+
+
+def pack_corpus(recipe: Recipe, ctx: StageContext, root: Path, what: str, start: float) -> dict:
+    """Pack the committed score-stage rows into shards, then the ledger and the reports (a run's last step,
+    and the whole of a refilter's Ray work)."""
+    from pipeline import engine
+
     ledger, shards = engine.run_pack(recipe, ctx, root)
     write_ledger(root, ledger, completion_records(root))
-    walls = _log_invocation(root, stage or "fused", time.perf_counter() - start)
+    walls = _log_invocation(root, what, time.perf_counter() - start)
     covered = frozenset(recipe.edit.routes())
     balance = root / engine.BALANCE_FILE
     report = build_report(recipe, ledger, shards, covered, target_shares(recipe.instruct, covered),

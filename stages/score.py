@@ -1,7 +1,8 @@
 """Score stage: compute every score, store it, and let the per-task policy decide.
 
 The heuristic scores (filters/heuristics.py) always run, row by row. Model scorers are named blocks chosen by
-`backend:` (filters/vlm_judges.py: imgedit_judge, viescore), each asked once per batch over the batch's live rows:
+`backend:` (filters/vlm_judges.py: imgedit_judge, viescore; filters/aesthetic.py: aesthetic_v2_5;
+filters/similarity.py: dino, clip), each asked once per batch over the batch's live rows:
 
     score:
       scorers:
@@ -14,17 +15,22 @@ A judge that cannot score a pair leaves those scores absent and says why in the 
 ("vlm_truncated: judge: …"), so the ledger explains an unjudged pair whether or not it was accepted. Only the
 policy ends the row: when a rule needs a score a judge could not give, the ledger reason is the judge's own
 (vlm_truncated, vlm_unparseable, …), which says what to fix, rather than the policy's generic missing_score.
+A row the policy rejects keeps its images and records why each absent score is absent (provenance
+`absent_scores`), so `python -m pipeline refilter` can re-decide it under another policy without any model.
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Annotated, Union
 
 from pydantic import Field, field_validator
 
+from filters.aesthetic import AestheticScorer
 from filters.heuristics import edit_scores, image_scores
 from filters.policy import Rule, decide, rules_for
+from filters.similarity import ClipScorer, DinoScorer
 from filters.vlm_judges import EditPair, ImgEditJudge, Scored, VieScore
 from manifests.config import Strict
 from manifests.images import decode_mask
@@ -33,9 +39,9 @@ from manifests.schema import FAILED, REJECTED
 from manifests.taxonomy import task_by_name
 from stages.base import Stage, decode_own, end_row
 
-SCORERS = {cls.backend: cls for cls in (ImgEditJudge, VieScore)}
+SCORERS = {cls.backend: cls for cls in (ImgEditJudge, VieScore, AestheticScorer, DinoScorer, ClipScorer)}
 ScorerConfig = Annotated[Union[tuple(cls.Config for cls in SCORERS.values())], Field(discriminator="backend")]
-Scorer = ImgEditJudge | VieScore
+Scorer = ImgEditJudge | VieScore | AestheticScorer | DinoScorer | ClipScorer
 
 
 class ScoreConfig(Strict):
@@ -119,7 +125,7 @@ class ScoreStage(Stage):
         if not pairs:
             return []
         try:
-            return scorer.score(pairs)
+            return [in_range(scorer, result) for result in scorer.score(pairs)]
         except Exception as e:  # returned, then recorded in the ledger as its row's end
             if len(pairs) == 1:
                 return [e]
@@ -141,24 +147,51 @@ class ScoreStage(Stage):
         return row
 
     def _decide(self, s: _Scoring, judges: dict[str, dict]) -> dict:
-        rules = rules_for(s.row["task"], self.cfg.rules, self.cfg.per_task)
-        row = {**self._row(s), "thresholds": json.dumps([r.model_dump(exclude_none=True) for r in rules])}
-        if judges:
-            row["provenance"] = json.dumps({**json.loads(s.row["provenance"] or "{}"), "score": judges})
-        reason, message = decide(s.scores, rules)
-        if reason == "missing_score":
-            reason, message = _judge_reason(s, rules) or (reason, message)
-        if reason is not None:
-            return end_row(row, REJECTED, self.name, reason, message)
+        row = self._row(s)
+        absent = {score: {"scorer": scorer, "reason": why.reason, "message": why.message}
+                  for score, (scorer, why) in sorted(s.missing.items())}
+        if judges or absent:
+            provenance = json.loads(s.row["provenance"] or "{}")
+            row["provenance"] = json.dumps({**provenance, **({"score": judges} if judges else {}),
+                                            **({ABSENT_KEY: absent} if absent else {})})
+        return policy_verdict(row, rules_for(s.row["task"], self.cfg.rules, self.cfg.per_task), absent)
+
+
+class ScoreOutOfRange(ValueError):
+    """A score outside its scorer's declared range, or not finite: a broken model or a bug, never a verdict
+    on the pair, so its row fails with this error class instead of being judged on the value."""
+
+
+def in_range(scorer: Scorer, result: Scored | ItemFailed) -> Scored | ItemFailed | ScoreOutOfRange:
+    if isinstance(result, Scored):
+        for score, value in result.scores.items():
+            low, high = scorer.ranges[score]
+            if not (math.isfinite(value) and low <= value <= high):
+                return ScoreOutOfRange(f"{scorer.backend} gave {score}={value}, outside [{low}, {high}]")
+    return result
+
+
+ABSENT_KEY = "absent_scores"  # provenance: score → {scorer, reason, message} for each score a scorer could not give
+
+
+def policy_verdict(row: dict, rules: list[Rule], absent: dict[str, dict]) -> dict:
+    """The row, its scores measured, with the policy's verdict: the rules recorded, and the row live or
+    rejected by the first rule that fails. A rejected row keeps its images, so `refilter` can accept it under a
+    looser policy; the score stage and refilter decide through this one function.
+
+    When a rule needs a score a scorer could not give (`absent`), the ledger reason is the scorer's own
+    (vlm_truncated, …), which says what to fix, rather than the policy's generic missing_score. `decide`
+    reports the first rule with an absent score, and in it the first absent score by name: the same one is
+    looked up here; a misspelt or never computed score stays missing_score."""
+    scores = json.loads(row["scores"] or "{}")
+    row = {**row, "thresholds": json.dumps([r.model_dump(exclude_none=True) for r in rules])}
+    reason, message = decide(scores, rules)
+    if reason == "missing_score":
+        rule = next(r for r in rules if r.scores - scores.keys())
+        score = min(rule.scores - scores.keys())
+        if score in absent:
+            why = absent[score]
+            reason, message = why["reason"], f"{why['scorer']} could not give {score}: {why['message']}"
+    if reason is None:
         return row
-
-
-def _judge_reason(s: _Scoring, rules: list[Rule]) -> tuple[str, str] | None:
-    """The judge's reason when the score the policy missed is one a judge could not give. `decide` reports the
-    first rule with an absent score, and in it the first absent score by name: the same one is looked up here."""
-    rule = next(r for r in rules if r.scores - s.scores.keys())
-    score = min(rule.scores - s.scores.keys())
-    if score not in s.missing:
-        return None  # not a judge's score: a misspelt or never computed one stays missing_score
-    scorer, why = s.missing[score]
-    return why.reason, f"{scorer} could not give {score}: {why.message}"
+    return end_row(row, REJECTED, ScoreStage.name, reason, message, keep_images=True)

@@ -89,6 +89,18 @@ def ray_cluster():
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def default_run(ray_cluster, tmp_path_factory):
+    """One run of the shipped default recipe, shared by the tests that read or re-filter its corpus."""
+    from pipeline.run import run
+    from tests.corpus import check_run
+
+    run_dir = tmp_path_factory.mktemp("default") / "run"
+    run("default-cpu", str(run_dir), address=ray_cluster["address"])
+    check_run(run_dir, "x2edit")
+    return run_dir
+
+
 @pytest.fixture
 def run_dir(tmp_path):
     path = tmp_path / "run"

@@ -4,19 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
-from pipeline.run import run
-from tests.corpus import check_run
-
-
-@pytest.fixture(scope="module")
-def default_run(ray_cluster, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("default") / "run"
-    run("default-cpu", str(run_dir), address=ray_cluster["address"])
-    check_run(run_dir, "x2edit")
-    return run_dir
-
 
 def test_hf_datasets_and_ray_data_read_the_default_corpus_with_defaults(default_run, tmp_path):
     import ray.data

@@ -33,11 +33,12 @@ def _stage() -> ScoreStage:
 
 def test_a_no_op_edit_is_rejected_and_its_scores_kept():
     image, _ = generate_scene(1)
-    [row] = _stage().process_row(_row(image, image.copy(), None, "style_change"))
+    row_in = _row(image, image.copy(), None, "style_change")
+    [row] = _stage().process_row(row_in)
     assert (row["status"], row["reason"]) == (REJECTED, "no_op_edit")
     scores = json.loads(row["scores"])
     assert scores["change_global"] < 0.01 and scores["prefilter"] == 5.0 and "sharpness_edited" in scores
-    assert row["thumb"] and row["src"] is None  # images dropped, a thumbnail kept for reports
+    assert row["thumb"] and row["src"] == row_in["src"]  # a policy rejection keeps its images (refilter)
     assert json.loads(row["thresholds"])[0]["reason"] == "no_op_edit"
 
 
