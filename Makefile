@@ -12,7 +12,7 @@ export RAY_AUTH_MODE := disabled
 export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup build-dataset train test test-fast bench browser clean
+.PHONY: setup build-dataset train test test-fast bench browser pyiqa-env clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -38,9 +38,25 @@ $(VENV)/.test: pyproject.toml $(VENV)/.base
 
 setup: $(VENV)/.base
 
+# pyiqa (LIQE, CLIP-IQA+; filters/pyiqa_scorer.py) in an environment of its own: its requirements would bring
+# opencv-python over opencv-contrib's cv2/ and ~630 MB more. This venv holds pyiqa and the pure-Python packages
+# its LIQE/CLIP-IQA+ path imports (openai-clip's tokenizer needs ftfy, wcwidth and pkg_resources, gone from
+# setuptools 81), all without their dependencies; a .pth file shows it the project venv's packages (torch, numpy,
+# our cv2), so nothing large is fetched twice. It lives inside $(VENV), which it needs, and goes with it.
+PYIQA_VENV ?= $(VENV)/pyiqa
+PYIQA_PKGS := pyiqa==0.1.16 openai-clip==1.0.1 ftfy==6.3.1 wcwidth==0.9.4 setuptools==80.10.2
+SITE_DIRS  := import sysconfig; print(*dict.fromkeys(map(sysconfig.get_paths().get, ("purelib", "platlib"))), sep="\n")
+$(PYIQA_VENV)/.ok: Makefile | $(VENV)/bin/python
+	rm -rf $(PYIQA_VENV)
+	$(PY) -m venv --without-pip $(PYIQA_VENV)
+	$(PY) -c '$(SITE_DIRS)' > "$$($(PYIQA_VENV)/bin/python -c '$(SITE_DIRS)' | head -1)/project-venv.pth"
+	$(PY) -m pip --python $(PYIQA_VENV)/bin/python install -q --no-deps $(PYIQA_PKGS)
+	touch $@
+pyiqa-env: $(PYIQA_VENV)/.ok
+
 # Builds the corpus into $(RUN_DIR); rerunning resumes (committed work is kept, leftovers discarded).
 # The default recipe needs the base install only; any other recipe may run model workers.
-build-dataset: $(if $(filter default-cpu,$(RECIPE)),$(VENV)/.base,$(VENV)/.models)
+build-dataset: $(if $(filter default-cpu,$(RECIPE)),$(VENV)/.base,$(VENV)/.models $(PYIQA_VENV)/.ok)
 	$(PY) -m pipeline run --recipe $(RECIPE) --run-dir $(RUN_DIR)
 
 $(RUN_DIR)/ledger.parquet:
@@ -57,11 +73,11 @@ browser:
 	@command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium fonts-wqy-microhei; } \
 	  || echo "chromium could not be installed: the browser test will be skipped"
 
-test: $(VENV)/.test browser
+test: $(VENV)/.test $(PYIQA_VENV)/.ok browser
 	$(PY) -m pytest -q
 
 # For local work: everything but the tests marked slow (Ray clusters, several processes, the browser).
-test-fast: $(VENV)/.test
+test-fast: $(VENV)/.test $(PYIQA_VENV)/.ok
 	$(PY) -m pytest -q -m "not slow"
 
 bench: $(VENV)/.test

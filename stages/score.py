@@ -2,7 +2,8 @@
 
 The heuristic scores (filters/heuristics.py) always run, row by row. Model scorers are named blocks chosen by
 `backend:` (filters/vlm_judges.py: imgedit_judge, viescore; filters/aesthetic.py: aesthetic_v2_5;
-filters/similarity.py: dino, clip), each asked once per batch over the batch's live rows:
+filters/similarity.py: dino, clip; filters/pyiqa_scorer.py: pyiqa), each asked once per batch over the batch's
+live rows:
 
     score:
       scorers:
@@ -30,6 +31,7 @@ from pydantic import Field, field_validator
 from filters.aesthetic import AestheticScorer
 from filters.heuristics import edit_scores, image_scores
 from filters.policy import Rule, decide, rules_for
+from filters.pyiqa_scorer import PyiqaScorer
 from filters.similarity import ClipScorer, DinoScorer
 from filters.vlm_judges import EditPair, ImgEditJudge, Scored, VieScore
 from manifests.config import Strict
@@ -39,9 +41,10 @@ from manifests.schema import FAILED, REJECTED
 from manifests.taxonomy import task_by_name
 from stages.base import Stage, decode_own, end_row
 
-SCORERS = {cls.backend: cls for cls in (ImgEditJudge, VieScore, AestheticScorer, DinoScorer, ClipScorer)}
+SCORERS = {cls.backend: cls for cls in (ImgEditJudge, VieScore, AestheticScorer, DinoScorer, ClipScorer,
+                                         PyiqaScorer)}
 ScorerConfig = Annotated[Union[tuple(cls.Config for cls in SCORERS.values())], Field(discriminator="backend")]
-Scorer = ImgEditJudge | VieScore | AestheticScorer | DinoScorer | ClipScorer
+Scorer = ImgEditJudge | VieScore | AestheticScorer | DinoScorer | ClipScorer | PyiqaScorer
 
 
 class ScoreConfig(Strict):

@@ -3,7 +3,6 @@ the real PP-OCRv4 models that ship inside the rapidocr-onnxruntime wheel. Run wi
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import time
 from pathlib import Path
 
@@ -23,26 +22,6 @@ from workers.text_samples import generate_text_sample
 
 N_SIGNS = 12
 CJK_FONT = Path("/usr/share/fonts/truetype/wqy/wqy-microhei.ttc")  # Debian's fonts-wqy-microhei (make browser)
-OPENCV_DISTRIBUTIONS = ("opencv-python", "opencv-python-headless", "opencv-contrib-python",
-                        "opencv-contrib-python-headless")
-
-
-def _installed(name: str) -> bool:
-    try:
-        importlib.metadata.distribution(name)
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
-
-
-def test_one_opencv_distribution():
-    """rapidocr-onnxruntime requires opencv-python; installed with it, that wheel would overwrite the cv2/ of
-    opencv-contrib-python-headless (they share the folder) and the contrib modules would be gone."""
-    import cv2
-
-    assert [name for name in OPENCV_DISTRIBUTIONS if _installed(name)] == ["opencv-contrib-python-headless"]
-    assert hasattr(cv2, "xphoto")
-    assert _installed("rapidocr-onnxruntime")
 
 
 def _request(proposal: Proposal, seed: int = 0) -> EditRequest:

@@ -34,6 +34,9 @@ def test_the_tiny_models_recipe_runs_every_model_worker(ray_cluster, tmp_path):
         for row in pq.read_table(shard).to_pylist():
             per_backend[row["editor"].split(":")[0]].append(row["pair_id"])
     assert set(per_backend) == {"classical", "kontext", "text", "expert"}
+    manifest = pq.read_table(sorted((run_dir / "shards").glob("tiny-*.parquet"))[0]).column_names
+    learned = {"aesthetic_src", "dino", "clip_i", "clip_t", "clipiqa_edited", "liqe_src", "liqe_delta"}
+    assert {f"score_{name}" for name in learned} <= set(manifest)  # every learned scorer ran through Ray
 
     from manifests.inspect import open_run
     from manifests.show import show_pair
