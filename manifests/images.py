@@ -77,6 +77,23 @@ def decode_image(data: bytes, *, max_pixels: int, warnings: list[str] | None = N
         raise Rejected("decode_error", f"unexpected {type(exc).__name__}: {exc}") from exc
 
 
+def header_size(data: bytes, *, max_pixels: int) -> tuple[int, int]:
+    """(width, height) from an image's header, under decode_image's format allow-list and pixel limit, decoding
+    no pixels (the trainer's index reads only the first bytes of each member). Raises Rejected."""
+    try:
+        with Image.open(io.BytesIO(data), formats=_ALLOWED_FORMATS) as im:
+            width, height = im.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise Rejected("too_many_pixels", f"Pillow bomb guard: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise Rejected("not_an_image", f"not a {'/'.join(_ALLOWED_FORMATS)} image") from exc
+    except (OSError, EOFError, SyntaxError, ValueError, struct.error, zlib.error) as exc:
+        raise Rejected("decode_error", f"{type(exc).__name__}: {exc}") from exc
+    if width * height > max_pixels:
+        raise Rejected("too_many_pixels", f"{width}x{height} exceeds max_pixels={max_pixels}")
+    return width, height
+
+
 def _has_more_frames(im: Image.Image) -> bool:
     """Whether a second frame follows (only its header is read). Asked after the first frame is decoded, and
     a damaged rest counts as no frame: the sample is already usable and must not be lost to a note."""

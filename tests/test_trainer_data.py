@@ -61,3 +61,33 @@ def test_hold_out_is_per_task_disjoint_and_independent_of_order(tmp_path):
     assert {p.key for p in kept} | {p.key for p in held} == {p.key for p in pairs}
     assert {p.key for p in hold_out(pairs[::-1], per_task=1, keep=2)[1]} == {p.key for p in held}
     assert hold_out(pairs, per_task=3, keep=2) == (pairs, [])  # no task can spare 3 and keep 2
+
+
+def test_a_hostile_shard_is_read_safely_and_its_bad_pairs_counted(tmp_path):
+    """Bad json, a non-image, a bomb header, a zero-byte member: left out of the index, counted by reason; a
+    pair that passes the header check but does not decode is replaced by a readable pair of its group."""
+    from collections import Counter
+
+    from tests.badinputs import bomb_png, good_jpeg
+
+    def pair(key: str, task: int, src: bytes, edited: bytes, meta: bytes | None = None) -> list[tuple[str, bytes]]:
+        meta = meta if meta is not None else json.dumps({"task_id": task, "instruction_en": key}).encode()
+        return [(f"{key}.json", meta), (f"{key}.src.jpg", src), (f"{key}.edited.jpg", edited)]
+
+    good = _jpeg(64, 48, 10)
+    detailed = good_jpeg(256, 192, 1)
+    truncated = detailed[:len(detailed) * 2 // 3]  # the header is intact, the scan is cut: found when decoded
+    members = (pair("a-good", 3, good, _jpeg(64, 48, 200)) + pair("b-truncated", 3, truncated, good)
+               + pair("c-json", 3, good, good, b"{not json") + pair("d-list", 3, good, good, b"[1, 2]")
+               + pair("e-text", 3, b"this is not an image", good) + pair("f-bomb", 3, good, bomb_png())
+               + pair("g-empty", 3, b"", good) + pair("h-other-task", 5, good, good))
+    (tmp_path / "hostile.tar").write_bytes(tar_bytes(members))
+
+    left_out = Counter()
+    pairs = index_shards([str(tmp_path / "*.tar")], left_out)
+    assert [p.key for p in pairs] == ["a-good", "b-truncated", "h-other-task"]
+    assert left_out == {"bad_json": 2, "not_an_image": 2, "too_many_pixels": 1}
+    data = PairDataset(pairs, resolution=32)
+    item = data[1]  # b-truncated: its group's other pair comes instead, and the batch records why
+    assert item["key"] == "a-good" and item["skipped"] == ["b-truncated: truncated_image"]
+    assert data[0]["skipped"] == [] and data[2]["key"] == "h-other-task"

@@ -9,6 +9,12 @@ Two layouts are read:
     and `instruction`/`instruction_en`/`instruction_zh`; labels map through the one taxonomy.
 Images are resized and centre-cropped to an aspect bucket: 512² at 512 px, the reference's 13 ~1 MP
 buckets at 1024 px.
+
+Shards are untrusted input, read as the pipeline reads its own: images only through the decoders of the
+format allow-list, under a pixel limit (manifests/images.py). A pair whose json does not parse or whose image
+header is refused is left out of the index and counted by reason; a pair whose image fails to decode when
+drawn is replaced by the next readable pair of its task and aspect bucket (so a batch keeps its P×K shape on
+every process) and counted in the batch (`skipped`), which the training log records.
 """
 from __future__ import annotations
 
@@ -16,16 +22,20 @@ import glob
 import io
 import json
 import tarfile
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
 from manifests.buckets import nearest_bucket
+from manifests.images import decode_image, header_size
+from manifests.rejected import Rejected
 from manifests.taxonomy import task_for_label
 
 SOURCE_FIELDS = ("src.jpg", "1.0.jpg", ".1.0.jpg", ".1.jpg", "1.jpg")
 TARGET_FIELDS = ("edited.jpg", "2.jpg", ".2.jpg")
+MAX_PIXELS = 1 << 26  # 64 MP: far above the 1 MP training buckets, far below a decompression bomb
 
 
 @dataclass(frozen=True)
@@ -59,15 +69,17 @@ def _record(meta: dict) -> tuple[int, str, str]:
     return task, en, zh
 
 
-def index_shards(patterns: list[str]) -> list[PairRef]:
-    """Every pair with a source, a target and a json in the matching tars, in a stable order."""
+def index_shards(patterns: list[str], skipped: Counter | None = None) -> list[PairRef]:
+    """Every pair with a source, a target and a json in the matching tars, in a stable order. A pair left out
+    for a bad json or a refused image header is counted in `skipped` by reason."""
     shards = sorted({p for pattern in patterns for p in glob.glob(pattern)})
     if not shards:
         raise FileNotFoundError(f"no training shards match {patterns}")
+    skipped = Counter() if skipped is None else skipped
     pairs = []
     for shard in shards:
         members: dict[str, dict[str, tuple[int, int]]] = {}
-        metas: dict[str, dict] = {}
+        metas: dict[str, bytes] = {}
         with tarfile.open(shard, mode="r:") as tar:
             for info in tar:
                 if not info.isfile():
@@ -75,27 +87,44 @@ def index_shards(patterns: list[str]) -> list[PairRef]:
                 key, field = _split(info.name)
                 members.setdefault(key, {})[field] = (info.offset_data, info.size)
                 if field == "json":
-                    metas[key] = json.loads(tar.extractfile(info).read())
+                    metas[key] = tar.extractfile(info).read()
         for key, fields in members.items():
             src = next((fields[f] for f in SOURCE_FIELDS if f in fields), None)
             tgt = next((fields[f] for f in TARGET_FIELDS if f in fields), None)
-            if src and tgt and key in metas:
-                task, en, zh = _record(metas[key])
-                pairs.append(PairRef(shard, key, task, en, zh, src, tgt, _image_size(shard, tgt)))
+            if not (src and tgt and key in metas):
+                continue
+            try:
+                meta = json.loads(metas[key])
+                if not isinstance(meta, dict):
+                    raise ValueError(f"a {type(meta).__name__}, not an object")
+                task, en, zh = _record(meta)
+            except (ValueError, TypeError, AttributeError):  # a JSONDecodeError is a ValueError; wrong types
+                skipped["bad_json"] += 1
+                continue
+            try:
+                header_size(_member(shard, src, 1 << 16), max_pixels=MAX_PIXELS)
+                size = _image_size(shard, tgt)
+            except Rejected as e:
+                skipped[e.reason] += 1
+                continue
+            pairs.append(PairRef(shard, key, task, en, zh, src, tgt, size))
     return pairs
+
+
+def _member(shard: str, where: tuple[int, int], limit: int | None = None) -> bytes:
+    with open(shard, "rb") as f:
+        f.seek(where[0])
+        return f.read(where[1] if limit is None else min(where[1], limit))
 
 
 def _image_size(shard: str, where: tuple[int, int]) -> tuple[int, int]:
     """Width and height from the image header: the first 64 KiB hold it for any JPEG/PNG we write."""
-    with open(shard, "rb") as f:
-        f.seek(where[0])
-        head = f.read(min(where[1], 1 << 16))
     try:
-        return Image.open(io.BytesIO(head)).size
-    except OSError:  # an unusually long header (big EXIF block): read the whole member
-        with open(shard, "rb") as f:
-            f.seek(where[0])
-            return Image.open(io.BytesIO(f.read(where[1]))).size
+        return header_size(_member(shard, where, 1 << 16), max_pixels=MAX_PIXELS)
+    except Rejected as e:
+        if e.reason != "decode_error":
+            raise
+        return header_size(_member(shard, where), max_pixels=MAX_PIXELS)  # a long header (big EXIF block)
 
 
 def bucket_for(width: int, height: int, resolution: int) -> tuple[int, int]:
@@ -122,6 +151,8 @@ class PairDataset:
 
     def __init__(self, pairs: list[PairRef], resolution: int):
         self.pairs, self.resolution = pairs, resolution
+        self._groups: list[list[int]] | None = None  # per pair: the indices of its (task, bucket) group
+        self._positions: list[int] = []  # per pair: its place in that list
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -134,13 +165,31 @@ class PairDataset:
         return [bucket_for(*p.size, self.resolution) for p in self.pairs]
 
     def _read(self, shard: str, where: tuple[int, int]) -> Image.Image:
-        with open(shard, "rb") as f:
-            f.seek(where[0])
-            return Image.open(io.BytesIO(f.read(where[1])))
+        return Image.fromarray(decode_image(_member(shard, where), max_pixels=MAX_PIXELS))
 
-    def __getitem__(self, index: int) -> dict:
+    def _load(self, index: int) -> dict:
         ref = self.pairs[index]
         source, target = self._read(ref.shard, ref.source), self._read(ref.shard, ref.target)
         size = bucket_for(target.width, target.height, self.resolution)
         return {"source": fit(source, size), "target": fit(target, size),
                 "instruction": ref.instruction_en or ref.instruction_zh, "task_id": ref.task_id, "key": ref.key}
+
+    def __getitem__(self, index: int) -> dict:
+        """The pair, or when it does not decode the next readable pair of its task and bucket (the sampler
+        drew the group; a substitute keeps the batch's shape), with the keys passed over in `skipped`."""
+        if self._groups is None:  # built on first use, in each loader worker
+            groups: dict[tuple[int, tuple[int, int]], list[int]] = {}
+            self._groups, self._positions = [], []
+            for i, key in enumerate(zip(self.task_ids(), self.buckets())):
+                members = groups.setdefault(key, [])
+                self._groups.append(members)
+                self._positions.append(len(members))
+                members.append(i)
+        group, start = self._groups[index], self._positions[index]
+        skipped = []
+        for candidate in group[start:] + group[:start]:
+            try:
+                return {**self._load(candidate), "skipped": skipped}
+            except Rejected as e:
+                skipped.append(f"{self.pairs[candidate].key}: {e.reason}")
+        raise RuntimeError(f"no pair of task {self.pairs[index].task_id} in its aspect bucket decodes: {skipped}")

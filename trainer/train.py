@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,8 @@ def collate(items: list[dict]) -> dict:
     return {"source": torch.from_numpy(np.stack([i["source"] for i in items])),
             "target": torch.from_numpy(np.stack([i["target"] for i in items])),
             "instruction": [i["instruction"] for i in items],
-            "task_id": torch.tensor([i["task_id"] for i in items])}
+            "task_id": torch.tensor([i["task_id"] for i in items]),
+            "skipped": [key for i in items for key in i.get("skipped", [])]}  # undecodable pairs replaced
 
 
 def load_pipeline(cfg: TrainConfig, dtype: torch.dtype):
@@ -87,7 +89,10 @@ def train(cfg: TrainConfig) -> list[dict]:
     if sharded:  # before the optimizer is built: it must hold the sharded parameters
         shard(pipe.transformer, trained[1:], accelerator)
 
-    pairs, held = index_shards(cfg.data), []
+    left_out: Counter = Counter()
+    pairs, held = index_shards(cfg.data, left_out), []
+    if left_out:
+        accelerator.print(f"data: {sum(left_out.values())} pairs left out of the index: {dict(left_out)}")
     if cfg.validation is not None:
         pairs, held = hold_out(pairs, cfg.validation.pairs_per_task, keep=cfg.pairs_per_task)
         accelerator.print(f"validation: {len(held)} held-out pairs" if held else
@@ -133,6 +138,10 @@ def train(cfg: TrainConfig) -> list[dict]:
         record = train_step(cfg, model, adapter, accelerator, transformer, optimizer, scheduler, batch)
         if position == 0:  # an epoch's first step logs what the epoch draws of each task
             record["epoch"] = sampler.epoch_report(epoch)
+        if not history and left_out:  # this invocation's first step
+            record["left_out"] = dict(left_out)
+        if batch["skipped"]:
+            record["skipped"] = batch["skipped"]
         step += 1
         record["step"] = step
         history.append(record)
