@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     refilter.add_argument("--address", help="join this Ray cluster for packing (default: as for run)")
     args = parser.parse_args(argv)
 
+    from pipeline.cluster import RunDirNotShared
     from pipeline.recipe import RecipeError
     from pipeline.run import run as run_pipeline
     from pipeline.stage_state import StageNotReady
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             refilter_run(args.run_dir, args.recipe, args.out, args.address)
         else:
             run_pipeline(args.recipe, args.run_dir, args.stage, args.address)
-    except (RecipeError, StageNotReady) as e:
+    except (RecipeError, StageNotReady, RunDirNotShared) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

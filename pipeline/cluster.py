@@ -7,6 +7,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import uuid
+from pathlib import Path
 
 LOOPBACK = "127.0.0.1"
 # Ray binds its GCS server and raylets to the node's address, and resolves "127.0.0.1" to the primary
@@ -24,8 +26,9 @@ def embedded_environment() -> None:
         constants.ENABLE_RAY_CLUSTER = False
 
 
-def connect(address: str | None = None) -> str:
-    """Connect this driver to Ray and say which cluster it uses; returns that line."""
+def connect(address: str | None = None, run_dir: Path | None = None) -> str:
+    """Connect this driver to Ray and say which cluster it uses; returns that line. Joining a cluster (not
+    starting one here), the run dir must be the same folder on every node (`check_shared_run_dir`)."""
     # Local clusters run without auth; otherwise the first init writes a token that later breaks
     # `ray job submit` (environment.md). Real clusters set RAY_AUTH_MODE=token (README).
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -54,4 +57,47 @@ def connect(address: str | None = None) -> str:
     line = (f"[x2edit] Ray: {where}; {nodes} node{'s' * (nodes != 1)}, {resources.get('CPU', 0):g} CPUs, "
             f"{resources.get('GPU', 0):g} GPUs")
     print(line, flush=True)
+    if run_dir is not None and (already or address):
+        check_shared_run_dir(run_dir)
     return line
+
+
+class RunDirNotShared(RuntimeError):
+    """The run dir is not the same folder on every node of the cluster the run joined."""
+
+
+PROBE_PREFIX = ".x2edit-probe-"
+
+
+def check_shared_run_dir(run_dir: Path) -> None:
+    """Every alive node must read the run dir the driver writes: stage actors on other nodes write their
+    fragments there and the driver reads them back, so a folder only the driver's machine has would lose them
+    (or leave them on each node's own disk). Checked honestly, not guessed from the path: the driver writes a
+    probe file with a random token, and a zero-CPU task pinned to each node reads it back."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    token = uuid.uuid4().hex
+    probe = Path(run_dir) / f"{PROBE_PREFIX}{token}"
+    probe.write_text(token)
+    try:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        read = ray.remote(num_cpus=0, max_retries=0)(_read_probe)
+        answers = ray.get([read.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                           .remote(str(probe)) for n in nodes])
+    finally:
+        probe.unlink()
+    blind = [f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})" for n, seen in zip(nodes, answers) if seen != token]
+    if blind:
+        raise RunDirNotShared(
+            f"--run-dir {run_dir} is not visible from {len(blind)} of the cluster's {len(nodes)} nodes "
+            f"({', '.join(blind)}): stage actors there could not write their output where this driver reads it. "
+            "Use a folder every node mounts at the same path (a shared filesystem such as NFS), or run the "
+            "driver on a node that shares it")
+
+
+def _read_probe(path: str) -> str | None:
+    try:
+        return Path(path).read_text()
+    except OSError:  # not there on this node: the answer the driver needs, not an error of the task
+        return None

@@ -49,7 +49,7 @@ def refilter(run_dir: str, recipe_spec: str, out_dir: str, address: str | None =
     _redecide(source, out, recipe)
     if (balance := source / "balance.json").exists():  # the instruct stage's windows, unchanged by a policy
         shutil.copyfile(balance, out / balance.name)
-    connect(address)
+    connect(address, out)
     ctx = StageContext(seed=recipe.seed, recipe_hash=recipe.hash(), run_dir=str(out))
     pack_corpus(recipe, ctx, out, "refilter", start)
     diff = ledger_diff(source, out, recipe_spec)

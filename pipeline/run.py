@@ -76,7 +76,7 @@ def run(recipe_spec: str, run_dir: str, stage: str | None = None, address: str |
     else:
         check_ready(root, stage, f"python -m pipeline run --recipe {recipe_spec} --stage {{stage}} --run-dir {root}")
     prepare_run_dir(recipe, root)
-    connect(address)  # before Ray is imported anywhere: an embedded cluster's settings are read at import
+    connect(address, root)  # before Ray is imported anywhere: an embedded cluster's settings are read at import
     from pipeline import engine
 
     ctx = StageContext(seed=recipe.seed, recipe_hash=recipe.hash(), run_dir=str(root))

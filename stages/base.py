@@ -32,6 +32,9 @@ class Resources(Strict):
     min_actors: int = Field(1, ge=1)
     max_actors: int = Field(2, ge=1)
     batch_size: int = Field(8, ge=1)
+    # Custom Ray resources each actor needs, to place a stage on chosen nodes: `ray start --resources
+    # '{"editor": 4}'` on the editing nodes and `resources: {editor: 1}` here.
+    resources: dict[str, float] = {}
 
     @model_validator(mode="after")
     def _pool(self):
