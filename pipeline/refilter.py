@@ -31,7 +31,7 @@ from manifests.fragments import list_fragments, read_completion, read_units, wri
 from manifests.schema import ACCEPTED, LIVE, REJECTED
 from pipeline.cluster import connect
 from pipeline.recipe import Recipe, RecipeError, load_recipe, resolve_path
-from pipeline.run import RECIPE_FILE, pack_corpus, prepare_run_dir
+from pipeline.run import RECIPE_FILE, local_run_dir, pack_corpus, prepare_run_dir
 from pipeline.stage_state import finish, stage_dir
 from stages.base import StageContext, to_table
 from stages.score import ABSENT_KEY, SCORERS, ScoreStage, policy_verdict
@@ -41,7 +41,7 @@ DIFF_JSON, DIFF_MD = "refilter.json", "refilter.md"
 
 def refilter(run_dir: str, recipe_spec: str, out_dir: str, address: str | None = None) -> dict:
     """Write the re-filtered corpus into out_dir; returns the diff against the finished run."""
-    source, out = Path(run_dir).resolve(), Path(out_dir).resolve()
+    source, out = local_run_dir(run_dir), local_run_dir(out_dir, "--out")
     recipe = _merged_recipe(source, recipe_spec, out)
     _check_scores(source, recipe)
     prepare_run_dir(recipe, out)

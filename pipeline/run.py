@@ -63,10 +63,19 @@ def check_inputs(recipe: Recipe, recipe_spec: str) -> None:
         raise RecipeError(f"{resolve_path(recipe_spec)}: input.paths: {e}") from None
 
 
+def local_run_dir(run_dir: str, option: str = "--run-dir") -> Path:
+    """The run dir as a local (or shared-filesystem) path. A URL is refused rather than taken for a relative
+    folder named `s3:`: the commit protocol renames files, which object stores cannot do atomically."""
+    if "://" in str(run_dir):
+        raise RecipeError(f"{option} {run_dir}: object storage is not supported yet; give a path on a local or "
+                          "shared filesystem (mounted at the same path on every node)")
+    return Path(run_dir).resolve()
+
+
 def run(recipe_spec: str, run_dir: str, stage: str | None = None, address: str | None = None) -> dict | None:
     """The fused run (stage None) or one stage; returns the run report once the corpus is packed."""
+    root = local_run_dir(run_dir)
     recipe = load_recipe(recipe_spec)
-    root = Path(run_dir).resolve()
     if stage == "instruct" and recipe.instruct.balance.mode == "closed_loop":
         raise RecipeError(f"{resolve_path(recipe_spec)}: instruct.balance.mode: closed_loop needs the fused run "
                           "(each window's task weights come from the scored pairs of the earlier windows); run "

@@ -81,3 +81,11 @@ def test_the_report_target_is_the_requested_share_not_the_attempt_weight():
     per_task = report["accepted_per_task"]
     assert {t: v["target_share"] for t, v in per_task.items()} == {t: round(v, 4) for t, v in targets.items()}
     assert per_task["background_change"]["attempt_share"] == round(weights["background_change"] / sum(weights.values()), 4)
+
+
+def test_an_object_store_run_dir_is_refused_not_written_to_a_folder_named_after_it(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "pipeline", "run", "--recipe", "default-cpu", "--run-dir",
+                           "s3://bucket/run"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": str(ROOT)})
+    assert done.returncode == 2 and "object storage is not supported yet" in done.stderr, done.stderr
+    assert list(tmp_path.iterdir()) == []  # no ./s3:/bucket/run
