@@ -12,7 +12,7 @@ export RAY_AUTH_MODE := disabled
 export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup build-dataset train test test-fast bench browser pyiqa-env vllm-env clean
+.PHONY: setup build-dataset train eval test test-fast bench browser pyiqa-env vllm-env clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -91,6 +91,13 @@ $(RUN_DIR)/ledger.parquet:
 train: $(VENV)/.train $(RUN_DIR)/ledger.parquet
 	$(VENV)/bin/accelerate launch --num_machines 1 --num_processes $(NPROC) $(if $(filter-out 1,$(NPROC)),--multi_gpu) \
 	  --mixed_precision no --dynamo_backend no -m trainer.train --recipe $(TRAIN_RECIPE)
+
+# Evaluates the adapter of `make train` the way the paper does (trainer/evaluate.py): the corpus's first pairs as
+# the benchmark, edited with the adapter and scored by the heuristics; EVAL_ARGS adds e.g. --recipe x2edit-gpu.
+EVAL_ARGS ?= --limit 16 --resolution 64 --steps 4 --max-sequence-length 32
+eval: $(VENV)/.train
+	$(PY) -m trainer.evaluate --adapter runs/train-tiny/adapter --benchmark "$(RUN_DIR)/shards/*.tar" \
+	  --out runs/eval-tiny $(EVAL_ARGS)
 
 # Headless Chromium for the report test (Debian's package; needs root, else that test is skipped).
 browser:

@@ -212,3 +212,19 @@ def test_sigkill_mid_run_then_restart_continues_exactly(setup, tmp_path):
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert {r["step"] for r in log} == set(range(1, 13))
     assert all(r == straight[r["step"]] for r in log)  # recomputed steps, too, equal the uninterrupted run
+
+
+def test_the_trained_adapter_is_evaluated_on_its_corpus(setup, straight):
+    """trainer.evaluate on the adapter this module trained, with its own shards as the benchmark."""
+    import csv
+
+    from trainer.evaluate import main as evaluate
+
+    out = setup["root"] / "eval"
+    evaluate(["--adapter", str(setup["root"] / "straight" / "adapter"), "--benchmark", setup["data"][0],
+              "--out", str(out), "--limit", "6", "--resolution", "32", "--steps", "2",
+              "--max-sequence-length", "16", "--device", "cpu"])
+    table = {r["category"]: r for r in csv.DictReader((out / "by_task.csv").open())}
+    pairs = list(csv.DictReader((out / "pairs.csv").open()))
+    assert len(pairs) == 6 and int(table.pop("all")["pairs"]) == 6
+    assert set(table) == {p["category"] for p in pairs} and all(float(p["change_global"]) >= 0 for p in pairs)

@@ -57,7 +57,7 @@ def _split(name: str) -> tuple[str, str]:
     return (f"{directory}/{key}" if directory else key), field
 
 
-def _record(meta: dict) -> tuple[int, str, str]:
+def pair_record(meta: dict) -> tuple[int, str, str]:
     """(task id, English, Chinese instruction) from a corpus or reference-format json."""
     task = meta["task_id"] if isinstance(meta.get("task_id"), int) else task_for_label(meta.get("task") or meta.get("label")).id
     en, zh = meta.get("instruction_en") or "", meta.get("instruction_zh") or ""
@@ -97,7 +97,7 @@ def index_shards(patterns: list[str], skipped: Counter | None = None) -> list[Pa
                 meta = json.loads(metas[key])
                 if not isinstance(meta, dict):
                     raise ValueError(f"a {type(meta).__name__}, not an object")
-                task, en, zh = _record(meta)
+                task, en, zh = pair_record(meta)
             except (ValueError, TypeError, AttributeError):  # a JSONDecodeError is a ValueError; wrong types
                 skipped["bad_json"] += 1
                 continue

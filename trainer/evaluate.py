@@ -5,8 +5,8 @@ pipeline's scorers, one table per task.
         [--recipe x2edit-gpu] [--limit 50] [--resolution 512 --steps 28 --guidance 3.5]
 
 Benchmarks (`--benchmark`, detected from what the path holds):
-- our corpus: `.tar` shards (a file, a folder of them or a glob); the source image, English instruction and task
-  of each pair (`--split-by task`, the default, groups by our task names);
+- our corpus, or the X2Edit release's shards: `.tar` files (a file, a folder of them or a glob); the source
+  image, instruction (English, else Chinese) and task of each pair, read as the trainer reads them;
 - the reference evaluation layout (reference-code.md §5): a folder of `<instruction>_in.jpg` files, the
   instruction being the file name minus the suffix (`--in-suffix`); subfolders are task categories;
 - a Parquet file or folder in the Hugging Face `datasets` layout (an image column holding {bytes, path}):
@@ -39,14 +39,14 @@ from tqdm import tqdm
 
 from manifests.images import decode_image, encode_png
 from manifests.schema import empty_row
-from manifests.shards import decode_record, iter_shard
+from manifests.shards import iter_shard
 from manifests.taxonomy import TASKS, task_by_name
 from pipeline.recipe import load_recipe
 from stages.base import StageContext
 from stages.score import ScoreConfig, ScoreStage
 from trainer.adapter_io import read_adapter_config
 from trainer.classify import resolve_task
-from trainer.data import fit
+from trainer.data import fit, pair_record
 from trainer.edit import edit, load_editor
 
 MAX_PIXELS = 1 << 26  # a benchmark image larger than 64 MP is refused like any hostile input
@@ -83,9 +83,9 @@ def _decode(data: bytes) -> np.ndarray:
 def _from_shard(path: Path) -> list[BenchItem]:
     items = []
     for sample in iter_shard(path):
-        record = decode_record(json.loads(sample["json"]))
-        items.append(BenchItem(sample["__key__"], _decode(sample["src.jpg"]), record["instruction_en"],
-                               record["task"]))
+        task_id, english, chinese = pair_record(json.loads(sample["json"]))  # the trainer's reading of a json
+        items.append(BenchItem(sample["__key__"], _decode(sample["src.jpg"]), english or chinese,
+                               TASKS[task_id].name))
     return items
 
 
