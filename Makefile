@@ -116,6 +116,7 @@ bench: $(VENV)/.test $(VLLM_VENV)/.ok
 	$(PY) -m bench.moe_dispatch
 	$(PY) -m bench.train_step
 	$(PY) -m bench.edit_overhead
+	$(PY) -m bench.scale pack-io --pairs 20000
 	X2EDIT_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(PY) -m bench.vlm_backends
 
 clean:

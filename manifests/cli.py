@@ -139,7 +139,7 @@ def cmd_validate(args) -> int:
     from manifests.validate import validate
 
     run = open_run(args.run)
-    problems, counts = validate(run)
+    problems, counts = validate(run, workers=os.cpu_count() or 1)
     if problems:
         print(f"validate: {len(problems)} problems in {run.root}", file=sys.stderr)
         for line in problems[:MAX_PROBLEMS]:

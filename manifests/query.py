@@ -29,6 +29,8 @@ BASE_COLUMNS = ("unit_id", "pair_id", "sample_id", "decision", "stage", "reason"
                 "editor", "source_uri", "instruction_en", "instruction_zh", "region_mask", "scores")
 SAMPLE_ORDER = "md5(unit_id || CAST(? AS VARCHAR))"  # a seeded shuffle that does not depend on file order
 CORPUS_ORDER = "shard, _row"  # the order of the source corpus
+# DuckDB takes 80 % of RAM by default; capped, its sorts over millions of units spill to disk instead
+DUCKDB_MEMORY = "512MB"
 
 
 def _literal(text: str) -> str:
@@ -40,30 +42,38 @@ def quote_ident(name: str) -> str:
 
 
 def connect(run: Run) -> tuple[duckdb.DuckDBPyConnection, list[str]]:
-    """An in-memory DuckDB with the `units` view over the run; returns it and the score names."""
-    con = duckdb.connect()
-    parts, names = [], set()
+    """An in-memory DuckDB with the `units` view over the run; returns it and the score names.
+
+    The manifests are read by their fixed columns, which every shard has, and the score columns are taken from
+    each row's scores JSON (the pack flattens the same values into the manifests): manifests whose score
+    columns differ would need DuckDB's union_by_name, which keeps a reader open per file (~60 kB each: a GB for
+    a corpus of ten thousand shards)."""
+    con = duckdb.connect(config={"memory_limit": DUCKDB_MEMORY})
+    parts, names, tables = [], set(), []
+    if run.ledger_path:  # every unit's scores, the accepted pairs' included
+        con.execute(f"CREATE VIEW ledger AS SELECT * FROM read_parquet({_literal(str(run.ledger_path))})")
+        tables.append("ledger")
     if run.manifests():
         files = _literal(str(run.shards_dir / f"{run.prefix}-*.parquet"))
-        con.execute(f"CREATE VIEW manifests AS SELECT * FROM read_parquet({files}, union_by_name = true, "
+        fixed = ", ".join(quote_ident(c) for c in MANIFEST_SCHEMA.names)
+        con.execute(f"CREATE VIEW manifests AS SELECT {fixed}, file_row_number FROM read_parquet({files}, "
                     "file_row_number = true)")
-        columns = [d[0] for d in con.execute("SELECT * FROM manifests LIMIT 0").description]
-        score_columns = [c for c in columns if c.startswith(SCORE_PREFIX)]
-        names |= {c[len(SCORE_PREFIX):] for c in score_columns}
+        tables = tables or ["manifests"]  # an export has no ledger: its scores are its manifests'
+    for table in tables:
+        names |= {r[0] for r in con.execute(f"SELECT DISTINCT unnest(json_keys(scores)) FROM {table} "
+                                            "WHERE scores IS NOT NULL").fetchall()}
+    scores = "".join(f", TRY_CAST(json_extract(scores, {_literal('$.' + quote_ident(n))}) AS DOUBLE) AS "
+                     f"{quote_ident(SCORE_PREFIX + n)}" for n in sorted(names))
+    if run.manifests():
         parts.append(f"SELECT pair_id AS unit_id, '{ACCEPTED}' AS decision, NULL::VARCHAR AS stage, "
                      "NULL::VARCHAR AS reason, NULL::VARCHAR AS message, file_row_number AS _row, pair_id, "
                      "sample_id, shard, task, op, editor, source_uri, instruction_en, instruction_zh, region_mask, "
-                     f"scores{''.join(', ' + quote_ident(c) for c in score_columns)} FROM manifests")
+                     f"scores{scores} FROM manifests")
     if run.ledger_path:
-        con.execute(f"CREATE VIEW ledger AS SELECT * FROM read_parquet({_literal(str(run.ledger_path))})")
-        ended = f"FROM ledger WHERE status <> '{ACCEPTED}'"
-        names |= {r[0] for r in con.execute(f"SELECT DISTINCT unnest(json_keys(scores)) {ended} "
-                                            "AND scores IS NOT NULL").fetchall()}
-        scores = "".join(f", TRY_CAST(json_extract(scores, {_literal('$.' + quote_ident(n))}) AS DOUBLE) AS "
-                         f"{quote_ident(SCORE_PREFIX + n)}" for n in sorted(names))
         parts.append("SELECT unit_id, pair_id, sample_id, status AS decision, stage, reason, message, "
                      "NULL::VARCHAR AS shard, task, op, editor, source_uri, instruction_en, NULL::VARCHAR AS "
-                     f"instruction_zh, NULL::BOOLEAN AS region_mask, scores, NULL::BIGINT AS _row{scores} {ended}")
+                     f"instruction_zh, NULL::BOOLEAN AS region_mask, scores, NULL::BIGINT AS _row{scores} "
+                     f"FROM ledger WHERE status <> '{ACCEPTED}'")
     if not parts:
         raise RunError(f"{run.root} has no manifests and no ledger: nothing to query")
     con.execute("CREATE VIEW units AS " + " UNION ALL BY NAME ".join(parts))

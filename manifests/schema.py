@@ -59,8 +59,6 @@ ROW_SCHEMA = pa.schema([
 ])
 COLUMNS = tuple(ROW_SCHEMA.names)
 HEAVY_COLUMNS = ("src", "edited", "mask")  # dropped when a row ends (kept by the score policy's rejections)
-# What the pack plan and the ledger read: no images, no thumbnails (only the report shows those).
-META_COLUMNS = tuple(c for c in COLUMNS if c not in HEAVY_COLUMNS + ("thumb",))
 
 
 def empty_row() -> dict:

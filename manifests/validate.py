@@ -8,73 +8,134 @@ Checks, each failure worded with the file, key and values involved:
 - the ledger (when the run has one) accepts exactly the corpus's pairs into the shards that hold them, every
   unit has one terminal state, every ended unit has a stage and a reason, and report.json's counts agree;
 - the ledger holds every planned unit and sample: its ids agree with each stage's completion record.
+
+Scale: shards are checked one at a time (a process per core once there are many), each tar read once for
+its checksum and its members; the corpus-wide checks hold ids as Arrow columns, not Python objects.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import tarfile
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from manifests.fragments import COMPLETE_NAME, plan_record, read_completion, read_units
+from manifests.fragments import COMPLETE_NAME, first_occurrences, plan_record, read_completion, read_units
 from manifests.inspect import Run, list_shards, temp_files
 from manifests.ledger import ledger_plan
 from manifests.schema import ACCEPTED, STAGES, TERMINAL
-from manifests.shards import shard_summary
+
+PARALLEL_FROM = 64  # shards; fewer are checked in this process (starting workers would cost more)
+MANIFEST_COLUMNS = ["pair_id", "shard", "task", "instruction_en", "instruction_zh", "members", "member_sha256"]
 
 
-def validate(run: Run) -> tuple[list[str], dict]:
-    """(problems, counts); no problems means the corpus is intact."""
+def validate(run: Run, workers: int = 1) -> tuple[list[str], dict]:
+    """(problems, counts); no problems means the corpus is intact. `workers` > 1 checks the shards in that
+    many spawned processes (a main module then has to be import-safe, as the CLI's is)."""
     problems: list[str] = []
     for row in list_shards(run):
         if row["state"].startswith("uncommitted"):
             problems.append(f"{run.tar(row['shard'])}: tar without manifest (uncommitted; a pipeline rerun "
                             "discards it)")
     problems += [f"{p}: temporary file left by an interrupted writer" for p in temp_files(run)]
-    owner: dict[str, str] = {}
-    totals = Counter()
-    for path in run.manifests():
-        totals.update(_check_shard(run, path, owner, problems))
-    counts = {"shards": len(run.manifests()), **totals}
+    paths = run.manifests()
+    check = partial(_check_shard, run)
+    if workers < 2 or len(paths) < PARALLEL_FROM:
+        results = list(map(check, paths))
+    else:  # spawned, not forked: this process's Arrow thread pools must not be copied mid-flight
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(pool.map(check, paths, chunksize=16))
+    totals, keys = Counter(), [pa.array([], pa.string())]
+    for found, counts, pairs in results:
+        problems += found
+        totals.update(counts)
+        keys.append(pairs)
+    shard = pc.take(pa.array([p.stem for p in paths], pa.string()),
+                    pa.array(np.repeat(np.arange(len(paths)), [len(k) for k in keys[1:]])))
+    corpus = pa.table({"pair_id": pa.concat_arrays(keys), "shard": shard})
+    owner = _owners(corpus, problems)
+    counts = {"shards": len(paths), **totals}
     if run.ledger_path:
         counts["ledger"] = _check_ledger(run, owner, totals, problems)
     return problems, counts
 
 
-def _check_ledger(run: Run, owner: dict[str, str], totals: Counter, problems: list[str]) -> dict:
-    table = pq.read_table(run.ledger_path, columns=["unit_id", "sample_id", "status", "stage", "reason", "shard"])
-    ledger, where = table.to_pylist(), run.ledger_path
+def _owners(corpus: pa.Table, problems: list[str]) -> pa.Table:
+    """(pair_id, shard) with the first shard of each key; a key in more than one shard is a problem."""
+    first = first_occurrences(corpus["pair_id"])
+    if first is None:
+        return corpus
+    owner = corpus.take(first)
+    seen = {}
+    repeated = pc.is_in(corpus["pair_id"], pc.filter(corpus["pair_id"], pc.invert(_mask(len(corpus), first))))
+    for key, shard in zip(*(corpus.filter(repeated)[c].to_pylist() for c in ("pair_id", "shard"))):
+        if key in seen:
+            problems.append(f"duplicate key {key}: in {seen[key]} and {shard}")
+        seen.setdefault(key, shard)
+    return owner
+
+
+def _mask(n: int, indices: pa.Array) -> pa.Array:
+    mask = np.zeros(n, bool)
+    mask[indices.to_numpy()] = True
+    return pa.array(mask)
+
+
+def _check_ledger(run: Run, owner: pa.Table, totals: Counter, problems: list[str]) -> dict:
+    labels = ["status", "stage", "reason"]  # a few values each: dictionary-encoded, 4 B a row
+    table = pq.read_table(run.ledger_path, columns=["unit_id", "sample_id", *labels, "shard"], read_dictionary=labels)
+    where = run.ledger_path
     problems += _check_plan(run, table)
-    repeated = [u for u, n in Counter(r["unit_id"] for r in ledger).items() if n > 1]
-    if repeated:
-        problems.append(f"{where}: {len(repeated)} units have more than one row (first: {repeated[0]})")
-    for r in ledger:
-        if r["status"] not in TERMINAL:
-            problems.append(f"{where}: unit {r['unit_id']} has status {r['status']!r}, not one of {TERMINAL}")
-        elif r["status"] != ACCEPTED and not (r["stage"] and r["reason"]):
-            problems.append(f"{where}: {r['status']} unit {r['unit_id']} has no stage or reason")
-        elif r["status"] == ACCEPTED and owner.get(r["unit_id"], r["shard"]) != r["shard"]:
-            problems.append(f"{where}: accepts {r['unit_id']} into {r['shard']}, the corpus has it in "
-                            f"{owner[r['unit_id']]}")
-    accepted = {r["unit_id"] for r in ledger if r["status"] == ACCEPTED}
-    for label, ids in (("accepted by the ledger but in no manifest", sorted(accepted - set(owner))),
-                       ("in a manifest but not accepted by the ledger", sorted(set(owner) - accepted))):
-        if ids:
-            problems.append(f"{len(ids)} pairs {label} (first: {ids[0]})")
-    status = Counter(r["status"] for r in ledger)
+    if (first := first_occurrences(table["unit_id"])) is not None:
+        again = pc.filter(table["unit_id"], pc.invert(_mask(len(table), first)))
+        repeated = pc.unique(again)
+        problems.append(f"{where}: {len(repeated)} units have more than one row (first: "
+                        f"{pc.filter(table['unit_id'], pc.is_in(table['unit_id'], repeated))[0]})")
+    status = table["status"]
+    terminal = pc.fill_null(pc.is_in(status, pa.array(TERMINAL)), False)
+    for unit, value in _rows(table.filter(pc.invert(terminal)), "unit_id", "status"):
+        problems.append(f"{where}: unit {unit} has status {value!r}, not one of {TERMINAL}")
+    accepted = pc.and_(terminal, pc.equal(status, ACCEPTED))
+    unreasoned = pc.or_(*(pc.fill_null(pc.equal(table[c], ""), True) for c in ("stage", "reason")))
+    for unit, value in _rows(table.filter(pc.and_(pc.and_(terminal, pc.invert(accepted)), unreasoned)),
+                             "unit_id", "status"):
+        problems.append(f"{where}: {value} unit {unit} has no stage or reason")
+    kept = table.filter(accepted).select(["unit_id", "shard"])
+    kept = kept.append_column("_i", pa.array(np.arange(len(kept))))
+    placed = kept.join(owner, keys="unit_id", right_keys="pair_id", join_type="inner",
+                       right_suffix="_corpus").sort_by("_i")
+    wrong = pc.fill_null(pc.not_equal(placed["shard"], placed["shard_corpus"]), True)
+    for unit, shard, held in _rows(placed.filter(wrong), "unit_id", "shard", "shard_corpus"):
+        problems.append(f"{where}: accepts {unit} into {shard}, the corpus has it in {held}")
+    ids = kept["unit_id"]
+    for label, mine, other in (("accepted by the ledger but in no manifest", ids, owner["pair_id"]),
+                               ("in a manifest but not accepted by the ledger", owner["pair_id"], ids)):
+        lacking = pc.unique(pc.filter(mine, pc.invert(pc.is_in(mine, other))))
+        if len(lacking):
+            problems.append(f"{len(lacking)} pairs {label} (first: {pc.min(lacking).as_py()})")
+    groups = table.group_by("status", use_threads=False).aggregate([("unit_id", "count", pc.CountOptions("all"))])
+    counts = dict(zip(groups["status"].to_pylist(), groups["unit_id_count"].to_pylist()))
     report = run.report_json()
     if report is not None:
-        claims = {"units": (report["units"], dict(status)), "accepted": (report["accepted"], status[ACCEPTED]),
+        claims = {"units": (report["units"], counts), "accepted": (report["accepted"], counts.get(ACCEPTED, 0)),
                   "shards.count": (report["shards"]["count"], len(run.manifests())),
                   "shards.pairs": (report["shards"]["pairs"], totals["pairs"]),
                   "shards.bytes": (report["shards"]["bytes"], totals["bytes"])}
         problems += [f"{run.root / 'report.json'}: {name} is {said}, the run has {actual}"
                      for name, (said, actual) in claims.items() if said != actual]
-    return dict(status)
+    return counts
+
+
+def _rows(table: pa.Table, *columns: str):
+    return zip(*(table[c].to_pylist() for c in columns))
 
 
 def _check_plan(run: Run, ledger: pa.Table) -> list[str]:
@@ -96,23 +157,26 @@ def _check_plan(run: Run, ledger: pa.Table) -> list[str]:
             if kind == "units" and stage == "source" or record[f"{kind}_sha"] == have[f"{kind}_sha"]:
                 continue  # source units are samples, fanned out into pairs later
             fragments = read_units(stages_dir / stage, columns=sorted({"unit_id", column}))
-            planned = fragments.column(column).to_pylist() if column in fragments.column_names else []
-            missing = sorted(set(planned) - set(ledger.column(column).to_pylist()))
-            first = f"; missing: {len(missing)} (first: {missing[0]})" if missing else ""
+            planned = fragments[column] if column in fragments.column_names else pa.array([], pa.string())
+            missing = pc.unique(pc.filter(planned, pc.invert(pc.is_in(planned, ledger[column]))))
+            first = f"; missing: {len(missing)} (first: {pc.min(missing).as_py()})" if len(missing) else ""
             problems.append(f"{run.ledger_path}: has {have[kind]} {kind}, stage {stage!r} completed "
                             f"{record[kind]} ({origin[stage]}){first}")
     return problems
 
 
-def _check_shard(run: Run, path: Path, owner: dict[str, str], problems: list[str]) -> dict:
-    shard = path.stem
+# ------------------------------------------------------------------------------------------ one shard
+
+def _check_shard(run: Run, path: Path) -> tuple[list[str], dict, pa.Array]:
+    """(problems, counts, the shard's pair ids): its manifest, and its tar against it."""
+    shard, problems = path.stem, []
     try:
-        summary, table = shard_summary(path), pq.read_table(path)
+        file = pq.ParquetFile(path)
+        summary = json.loads((file.schema_arrow.metadata or {})[b"x2edit"])
+        rows = file.read(columns=MANIFEST_COLUMNS).to_pylist()
     except (KeyError, ValueError, OSError, pa.ArrowException) as exc:
-        problems.append(f"{path}: unreadable manifest or missing x2edit summary ({type(exc).__name__}: {exc})")
-        return {}
-    rows = table.select(["pair_id", "shard", "task", "instruction_en", "instruction_zh", "members",
-                         "member_sha256"]).to_pylist()
+        return ([f"{path}: unreadable manifest or missing x2edit summary ({type(exc).__name__}: {exc})"], {},
+                pa.array([], pa.string()))
     if summary.get("shard") != shard or summary.get("pairs") != len(rows):
         problems.append(f"{path}: its summary says shard {summary.get('shard')!r} with {summary.get('pairs')} "
                         f"pairs, the file is {shard} with {len(rows)} rows")
@@ -123,46 +187,113 @@ def _check_shard(run: Run, path: Path, owner: dict[str, str], problems: list[str
         if strays or len(r["members"]) != len(r["member_sha256"]):
             problems.append(f"{path}: pair {r['pair_id']} lists members {r['members']} with "
                             f"{len(r['member_sha256'])} checksums")
-        if r["pair_id"] in owner:
-            problems.append(f"duplicate key {r['pair_id']}: in {owner[r['pair_id']]} and {shard}")
-        owner.setdefault(r["pair_id"], shard)
+    keys = pa.array([r["pair_id"] for r in rows], pa.string())
     tar_path = run.tar(shard)
     if not tar_path.exists():
         problems.append(f"{path}: committed manifest without its tar {tar_path.name}")
-        return {"pairs": len(rows)}
-    digest, size = _file_sha256(tar_path)
+        return problems, {"pairs": len(rows)}, keys
+    members, digest, size = _check_tar(run, shard, rows, problems)
     if size != summary.get("bytes") or digest != summary.get("sha256"):
         problems.append(f"{tar_path}: {size} bytes, sha256 {digest[:16]}…; its manifest recorded "
                         f"{summary.get('bytes')} bytes, sha256 {str(summary.get('sha256'))[:16]}…")
-    return {"pairs": len(rows), "members": _check_tar(run, shard, rows, problems), "bytes": size}
+    return problems, {"pairs": len(rows), "members": members, "bytes": size}, keys
 
 
-def _check_tar(run: Run, shard: str, rows: list[dict], problems: list[str]) -> int:
-    """Members of one tar against its manifest rows; returns the number of members read."""
+class _Hashing:
+    """A file read front to back, hashed on the way: the tar's checksum in the same pass as its members."""
+
+    def __init__(self, f):
+        self.f, self.digest, self.size = f, hashlib.sha256(), 0
+
+    def read(self, n: int) -> bytes:
+        data = self.f.read(n)
+        self.digest.update(data)
+        self.size += len(data)
+        return data
+
+    def finish(self) -> tuple[str, int]:
+        while self.read(1 << 20):
+            pass
+        return self.digest.hexdigest(), self.size
+
+
+class _NotPlain(Exception):
+    """Anything but a plain file in an intact ustar header (pax, GNU names, links, a bad checksum, a cut
+    archive): tarfile reads the tar instead, and words what is wrong with it."""
+
+
+def _plain_members(f: _Hashing):
+    """(name, data) of a tar of plain ustar files, the only kind the pipeline writes, at a fraction of
+    tarfile's cost per member."""
+    while True:
+        header = f.read(512)
+        if not header or header == bytes(512):
+            return
+        try:
+            stored = int(header[148:156].split(b"\0", 1)[0] or b"0", 8)
+            size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+        except ValueError:
+            raise _NotPlain from None
+        name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        if (len(header) < 512 or stored != sum(header) - sum(header[148:156]) + 256 or name.endswith("/")
+                or header[156:157] not in (b"0", b"\0") or header[345] and header[257:265] != b"ustar\x0000"):
+            raise _NotPlain
+        if header[345]:
+            name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape") + "/" + name
+        data = f.read(size)
+        if len(data) < size or len(f.read(-size % 512)) < -size % 512:
+            raise _NotPlain
+        yield name, data
+
+
+def _tarfile_members(path: Path):
+    with tarfile.open(path, mode="r:") as tar:
+        for info in tar:
+            yield info.name, tar.extractfile(info).read() if info.isfile() else b""
+
+
+def _check_tar(run: Run, shard: str, rows: list[dict], problems: list[str]) -> tuple[int, str, int]:
+    """Members of one tar against its manifest rows; returns (members read, the tar's sha256, its size)."""
     tar_path = run.tar(shard)
+    with open(tar_path, "rb") as f:
+        reader = _Hashing(f)
+        found: list[str] = []
+        try:
+            seen = _check_members(tar_path, shard, rows, _plain_members(reader), problems, found)
+        except _NotPlain:
+            found, seen = [], None
+        digest, size = reader.finish()
+    if seen is None:  # not the pipeline's layout: tarfile reads it, from the start
+        seen = _check_members(tar_path, shard, rows, _tarfile_members(tar_path), problems, found)
+    return seen, digest, size
+
+
+def _check_members(tar_path: Path, shard: str, rows: list[dict], members, problems: list[str],
+                   found: list[str]) -> int:
+    """Problems of the members against the manifest rows (appended to `found`, then `problems` once the
+    walk is over, so a walk abandoned for tarfile's leaves none behind); returns how many were read."""
     expected = {name: digest for r in rows for name, digest in zip(r["members"], r["member_sha256"])}
     by_key = {r["pair_id"]: r for r in rows}
     seen: set[str] = set()
     try:
-        with tarfile.open(tar_path, mode="r:") as tar:
-            for info in tar:
-                name, key = info.name, info.name.partition(".")[0]
-                data = tar.extractfile(info).read() if info.isfile() else b""
-                if name in seen:
-                    problems.append(f"{tar_path}: member {name} appears twice")
-                elif name not in expected:
-                    problems.append(f"{tar_path}: member {name} is not listed in {shard}.parquet")
-                elif hashlib.sha256(data).hexdigest() != expected[name]:
-                    problems.append(f"{tar_path}: member {name} has sha256 {hashlib.sha256(data).hexdigest()[:16]}…, "
-                                    f"{shard}.parquet says {expected[name][:16]}…")
-                elif name == f"{key}.json" and key in by_key:
-                    problems += _json_disagreements(tar_path, name, data, by_key[key])
-                seen.add(name)
+        for name, data in members:
+            key = name.partition(".")[0]
+            if name in seen:
+                found.append(f"{tar_path}: member {name} appears twice")
+            elif name not in expected:
+                found.append(f"{tar_path}: member {name} is not listed in {shard}.parquet")
+            elif (digest := hashlib.sha256(data).hexdigest()) != expected[name]:
+                found.append(f"{tar_path}: member {name} has sha256 {digest[:16]}…, {shard}.parquet says "
+                             f"{expected[name][:16]}…")
+            elif name == f"{key}.json" and key in by_key:
+                found += _json_disagreements(tar_path, name, data, by_key[key])
+            seen.add(name)
     except (tarfile.TarError, OSError, EOFError) as exc:
-        problems.append(f"{tar_path}: truncated or corrupt tar after {len(seen)} members "
-                        f"({type(exc).__name__}: {exc})")
+        found.append(f"{tar_path}: truncated or corrupt tar after {len(seen)} members ({type(exc).__name__}: {exc})")
+        problems += found
         return len(seen)
-    problems += [f"{tar_path}: member {n} listed in {shard}.parquet is missing" for n in sorted(set(expected) - seen)]
+    found += [f"{tar_path}: member {n} listed in {shard}.parquet is missing" for n in sorted(set(expected) - seen)]
+    problems += found
     return len(seen)
 
 
@@ -173,12 +304,3 @@ def _json_disagreements(tar_path: Path, name: str, data: bytes, row: dict) -> li
         return [f"{tar_path}: member {name} is not JSON ({exc})"]
     return [f"{tar_path}: {name} has {field}={record.get(field)!r}, the manifest says {row[field]!r}"
             for field in ("pair_id", "task", "instruction_en", "instruction_zh") if record.get(field) != row[field]]
-
-
-def _file_sha256(path: Path) -> tuple[str, int]:
-    digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size

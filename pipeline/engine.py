@@ -20,13 +20,13 @@ from tqdm import tqdm
 from manifests.commit import atomic_write_bytes, discard_uncommitted
 from manifests.fragments import done_ids, list_fragments, read_units, write_fragment
 from manifests.ledger import build_ledger
-from manifests.schema import COLUMNS, META_COLUMNS, ROW_STAGES
+from manifests.schema import COLUMNS, ROW_STAGES
 from manifests.shards import committed_shards, discard_orphan_tars
 from pipeline.stage_state import finish, previous_stage, stage_dir
 from stages.base import Resources, StageContext, StageGroup
 from stages.edit import EditStage
 from stages.instruct import InstructStage, window_weights
-from stages.pack import PackStage, plan_shards
+from stages.pack import PACK_READS, PackStage, plan_shards
 from stages.score import ScoreStage
 from stages.source import POSITION_STRIDE, SourceStage, plan_units
 
@@ -47,7 +47,7 @@ def apply_stage(ds: ray.data.Dataset, cls, cfg, ctx: StageContext, res: Resource
     return ds.map_batches(
         cls, fn_constructor_kwargs={"cfg": cfg, "ctx": ctx, **kwargs}, batch_size=res.batch_size,
         batch_format="pyarrow", compute=ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
-        num_cpus=res.num_cpus, num_gpus=res.num_gpus or None)
+        num_cpus=res.num_cpus, num_gpus=res.num_gpus or None, resources=res.resources or None)
 
 
 def commit_fragments(batch: pa.Table, directory: str) -> pa.Table:
@@ -165,23 +165,25 @@ def run_stage(recipe, ctx: StageContext, run_dir: Path, stage: str) -> int:
 def run_pack(recipe, ctx: StageContext, run_dir: Path) -> tuple[pa.Table, list[dict]]:
     """Plan the shards, write the ones not yet committed, then the ledger's rows; returns (ledger, shards)."""
     rows_dir, out = stage_dir(run_dir, "score"), Path(run_dir) / "shards"
-    rows = read_units(rows_dir, columns=list(META_COLUMNS))
-    plans = plan_shards(rows, recipe.pack)
+    rows = read_units(rows_dir, columns=PACK_READS)
+    plan = plan_shards(rows, recipe.pack)
     out.mkdir(parents=True, exist_ok=True)
     discard_uncommitted(out)
     discard_orphan_tars(out, recipe.pack.prefix)
     committed = committed_shards(out, recipe.pack.prefix)
-    planned = {p["shard"]: p for p in plans}
+    planned = {s["shard"]: s["plan_hash"] for s in plan.shards}
     for name, summary in committed.items():
-        if name not in planned or summary.get("plan_hash") != planned[name]["plan_hash"]:
+        if summary.get("plan_hash") != planned.get(name):
             raise RuntimeError(f"committed shard {name} in {out} does not match this run's plan "
-                               "(the run dir holds output of other inputs?); use a new run dir")
-    todo = [p for p in plans if p["shard"] not in committed]
-    if todo:
-        ds = ray.data.from_items(todo, override_num_blocks=len(todo))
+                               "(the run dir holds output of other inputs, or was packed by a version that "
+                               "planned shards differently?); use a new run dir")
+    jobs = plan.jobs(skip=set(committed))
+    if jobs:  # one job per window of the plan: it reads its rows once and writes its shards
+        ds = ray.data.from_items(jobs, override_num_blocks=len(jobs))
         ds = apply_stage(ds, PackStage, recipe.pack, ctx, recipe.resources.pack,
                          rows_dir=str(rows_dir), out_dir=str(out))
-        for _ in tqdm(ds.iter_rows(), total=len(todo), desc="pack: shards", unit="shard"):
+        todo = sum(len(j["shards"]) for j in jobs)
+        for _ in tqdm(ds.iter_rows(), total=todo, desc="pack: shards", unit="shard"):
             pass
-    shard_of = {unit: p["shard"] for p in plans for unit in p["units"]}
-    return build_ledger(rows, shard_of), list(committed_shards(out, recipe.pack.prefix).values())
+    shards = list(committed_shards(out, recipe.pack.prefix).values())
+    return build_ledger(rows, plan.shard_column(rows.num_rows)), shards

@@ -31,7 +31,7 @@ class StageResources(Strict):
     instruct: Resources = Resources()
     edit: Resources = Resources()
     score: Resources = Resources()
-    pack: Resources = Resources(batch_size=1)  # one shard per call
+    pack: Resources = Resources(batch_size=1)  # one window of shards per call
     # Consecutive stages to run in one actor pool in the fused run (with the first one's resources).
     colocate: list[str] = []
 

@@ -1,8 +1,9 @@
-"""Pack stage: the release layout. Accepted pairs are interleaved by task (every shard carries the corpus's
-task mix), cut into shards of `shard_size`, and written as deterministic tars, each committed by its
-Parquet manifest. Every pair carries the same members (json, src.jpg, edited.jpg, mask.png), so stock
-readers (HF `datasets`, Ray Data) read the shards with their defaults: the mask of a region edit marks the
-region the edit is about, that of a global edit the whole image, and the json's `mask` says which.
+"""Pack stage: the release layout. Accepted pairs are interleaved by task within windows of a few thousand
+pairs in input order (every shard carries its window's task mix; plan_shards says why not the whole corpus's),
+cut into shards of `shard_size`, and written as deterministic tars, each committed by its Parquet manifest.
+Every pair carries the same members (json, src.jpg, edited.jpg, mask.png), so stock readers (HF `datasets`,
+Ray Data) read the shards with their defaults: the mask of a region edit marks the region the edit is about,
+that of a global edit the whole image, and the json's `mask` says which.
 The plan is a pure function of the committed score-stage rows, so a rerun rebuilds the
 same plan, skips committed shards and rewrites only the missing ones.
 """
@@ -10,7 +11,9 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +25,8 @@ from pydantic import Field
 
 from manifests.config import Strict
 from manifests.images import encode_mask, sha256_hex
-from manifests.mix import interleave
+from manifests.ledger import LEDGER_COLUMNS
+from manifests.mix import smooth_wrr
 from manifests.schema import LIVE, stable_hash
 from manifests.shards import MANIFEST_SCHEMA, shard_name, write_shard
 from manifests.taxonomy import task_by_name
@@ -34,22 +38,90 @@ class PackConfig(Strict):
     shard_size: int = Field(100, ge=1)  # pairs per shard
 
 
-def plan_shards(rows: pa.Table, cfg: PackConfig) -> list[dict]:
-    """Shard plans from the deduplicated last-stage rows (needs unit_id, status, task, _fragment)."""
-    live = rows.filter(pc.equal(rows.column("status"), LIVE))
-    groups: dict[str, list[tuple[str, str]]] = defaultdict(list)
-    for unit, task, frag in zip(live.column("unit_id").to_pylist(), live.column("task").to_pylist(),
-                                live.column("_fragment").to_pylist()):
-        groups[task].append((unit, frag))
-    for items in groups.values():
-        items.sort()
-    order = interleave(dict(sorted(groups.items())))
-    plans = []
-    for index, start in enumerate(range(0, len(order), cfg.shard_size)):
-        chunk = order[start:start + cfg.shard_size]
-        plans.append({"shard": shard_name(cfg.prefix, index), "units": [u for u, _ in chunk],
-                      "fragments": [f for _, f in chunk], "plan_hash": stable_hash(*(u for u, _ in chunk))})
-    return plans
+PLAN_COLUMNS = ("unit_id", "status", "task", "position")  # what plan_shards reads of the rows (+ read_units')
+PACK_READS = list(dict.fromkeys([*LEDGER_COLUMNS, *PLAN_COLUMNS]))  # the run_pack driver's: the plan's, the ledger's
+WINDOW_PAIRS = 4096  # pairs read and interleaved together: the pack's unit of locality (see plan_shards)
+
+
+@dataclass
+class ShardPlan:
+    """`order`: one row per planned unit, in shard order (unit_id, _fragment, _row: where its row lies, shard:
+    the shard's index, _index: its row in the table the plan was made from); `shards`: per shard its name,
+    plan_hash, window and [start, stop) in `order`."""
+
+    order: pa.Table
+    shards: list[dict]
+
+    def jobs(self, skip: set[str]) -> list[dict]:
+        """One pack job per window, with the shards not in `skip`: a job reads its window's rows once."""
+        by_window: dict[int, list[dict]] = defaultdict(list)
+        for shard in self.shards:
+            if shard["shard"] not in skip:
+                by_window[shard["window"]].append(shard)
+        jobs = []
+        for window, shards in sorted(by_window.items()):
+            take = np.concatenate([np.arange(s["start"], s["stop"]) for s in shards])
+            part = self.order.take(take)
+            jobs.append({"shards": [s["shard"] for s in shards], "plan_hashes": [s["plan_hash"] for s in shards],
+                         "sizes": [s["stop"] - s["start"] for s in shards],
+                         **{k: part.column(k).to_pylist() for k in ("unit_id", "_fragment", "_row")}})
+        return jobs
+
+    def shard_column(self, num_rows: int) -> pa.Array:
+        """The shard name of each row of the planned table (null for rows not planned: the ended ones)."""
+        names = pa.array([s["shard"] for s in self.shards], pa.string())
+        index = np.full(num_rows, -1, np.int64)
+        index[self.order.column("_index").to_numpy()] = self.order.column("shard").to_numpy()
+        return pc.take(names, pa.array(index, mask=index < 0))
+
+
+def plan_shards(rows: pa.Table, cfg: PackConfig) -> ShardPlan:
+    """The shards of the deduplicated last-stage rows (read_units' table with PLAN_COLUMNS at least).
+
+    A pure function of the rows, not of how they were batched into fragments, so a resumed, fused or per-stage
+    run packs byte-identical shards. Live rows in input order (position, then unit id) are cut into windows of
+    WINDOW_PAIRS (a whole number of shards); inside a window the tasks are interleaved, and the window is cut
+    into shards. Rows are committed in about input order, so a window's rows lie in a few neighbouring
+    fragment row groups: the pack job of a window reads them once (RowReader), where a global
+    interleave made every shard read rows from all over the run. The price: a shard carries its window's task
+    mix (within two pairs per task: see interleave_within) rather than the whole corpus's."""
+    live = rows.select([*PLAN_COLUMNS, "_fragment", "_row"])  # sorted and taken below: no other column
+    live = live.append_column("_index", pa.array(np.arange(rows.num_rows), pa.int64()))
+    live = live.filter(pc.equal(live.column("status"), LIVE))
+    live = live.take(pc.sort_indices(live, [("position", "ascending"), ("unit_id", "ascending")]))
+    per_window = cfg.shard_size * max(1, WINDOW_PAIRS // cfg.shard_size)
+    window = np.arange(live.num_rows) // per_window
+    live = live.take(interleave_within(window, live.column("task")))
+    local = np.arange(live.num_rows) - window * per_window  # window is sorted: each window kept its place
+    shard = window * (per_window // cfg.shard_size) + local // cfg.shard_size
+    order = live.select(["unit_id", "_fragment", "_row", "_index"]).append_column("shard", pa.array(shard))
+    starts = np.flatnonzero(np.diff(shard, prepend=-1)) if len(shard) else np.array([], np.int64)
+    stops = np.append(starts[1:], len(shard))
+    units = order.column("unit_id")
+    shards = [{"shard": shard_name(cfg.prefix, i), "window": int(window[a]), "start": int(a), "stop": int(b),
+               "plan_hash": stable_hash(*units.slice(a, b - a).to_pylist())}
+              for i, (a, b) in enumerate(zip(starts, stops))]
+    return ShardPlan(order, shards)
+
+
+def interleave_within(window: np.ndarray, tasks: pa.ChunkedArray) -> np.ndarray:
+    """A permutation that interleaves the tasks inside each window (`window`: non-decreasing), keeping each
+    task's rows in their order: manifests.mix's smooth weighted round robin over the window's task counts
+    (tasks in name order), so at every point of a window each task is within one pair of its share, and any
+    stretch of it (a shard) within two."""
+    encoded = pa.chunked_array(tasks, pa.string()).combine_chunks().dictionary_encode()
+    by_name = np.argsort(np.array(encoded.dictionary.to_pylist(), dtype=object))
+    codes = np.empty(len(by_name), np.int64)
+    codes[by_name] = np.arange(len(by_name))
+    codes = codes[encoded.indices.to_numpy()] if len(window) else codes[:0]
+    perm = np.empty(len(window), np.int64)
+    starts = np.flatnonzero(np.diff(window, prepend=-1))
+    for a, b in zip(starts, [*starts[1:], len(window)]):
+        counts = np.bincount(codes[a:b])
+        picks = np.array(smooth_wrr(dict(enumerate(counts.tolist())), b - a))
+        # the k-th slot the sequence gives a task takes that task's k-th row
+        perm[a + np.argsort(picks, kind="stable")] = a + np.argsort(codes[a:b], kind="stable")
+    return perm
 
 
 def pair_json(row: dict, mask: str) -> dict:
@@ -68,8 +140,56 @@ def pair_json(row: dict, mask: str) -> dict:
     }
 
 
+class RowReader:
+    """The rows of one pack job, read from the fragments a row group at a time when first needed and kept
+    only until written: each row group holding the job's rows is read once, and memory holds the rows read
+    but not yet written (a few row groups when the rows lie in input order, the job's window at worst).
+    `bytes_read` counts the file bytes it read (footers included)."""
+
+    def __init__(self, rows_dir: Path, fragments: list[str], rows: list[int]):
+        self.rows_dir = rows_dir
+        self.wanted: dict[str, list[int]] = defaultdict(list)
+        for frag, row in zip(fragments, rows):
+            self.wanted[frag].append(row)
+        self.open: dict[str, tuple] = {}  # fragment → its file, row-group starts, row groups still due
+        self.pending: dict[tuple[str, int], dict] = {}
+        self.bytes_read = 0
+
+    def take(self, frag: str, row: int) -> dict:
+        if (frag, row) not in self.pending:
+            self._read(frag, row)
+        return self.pending.pop((frag, row))
+
+    def _open(self, frag: str) -> tuple[pq.ParquetFile, np.ndarray, set[int]]:
+        path = self.rows_dir / frag
+        with open(path, "rb") as f:  # the footer alone (pyarrow would read the file's last 64 kB for it)
+            f.seek(-8, io.SEEK_END)
+            length = struct.unpack("<I", f.read(4))[0]
+            f.seek(-8 - length, io.SEEK_END)
+            meta = pq.read_metadata(pa.BufferReader(f.read(length + 8)))
+        self.bytes_read += length + 16
+        starts = np.cumsum([0, *(meta.row_group(g).num_rows for g in range(meta.num_row_groups))])
+        due = set((np.searchsorted(starts, self.wanted[frag], side="right") - 1).tolist())
+        return pq.ParquetFile(path, metadata=meta), starts, due
+
+    def _read(self, frag: str, row: int) -> None:
+        if frag not in self.open:
+            self.open[frag] = self._open(frag)
+        file, starts, due = self.open[frag]
+        group = int(np.searchsorted(starts, row, side="right")) - 1
+        table = file.read_row_group(group)
+        meta = file.metadata.row_group(group)
+        self.bytes_read += sum(meta.column(c).total_compressed_size for c in range(meta.num_columns))
+        due.discard(group)
+        if not due:  # every row group of the job's rows in this fragment is read: let the file go
+            del self.open[frag]
+        wanted = [r for r in self.wanted[frag] if starts[group] <= r < starts[group + 1]]
+        picked = table.take(pa.array([r - starts[group] for r in wanted], pa.int64())).to_pylist()
+        self.pending.update({(frag, r): p for r, p in zip(wanted, picked)})
+
+
 class PackStage(Stage):
-    """Writes the shards of the plans it is given; returns one summary row per shard."""
+    """Writes the shards of the pack jobs it is given (ShardPlan.jobs); returns one summary row per shard."""
 
     name = "pack"
 
@@ -79,7 +199,7 @@ class PackStage(Stage):
         self._masks: dict[tuple[int, int], bytes] = {}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        summaries = [self.write(plan) for plan in batch.to_pylist()]
+        summaries = [s for job in batch.to_pylist() for s in self.write_job(job)]
         return pa.table({"summary": [json.dumps(s) for s in summaries]})
 
     def _whole_image_mask(self, image: bytes) -> bytes:
@@ -89,22 +209,21 @@ class PackStage(Stage):
             self._masks[size] = encode_mask(np.ones(size[::-1], bool))
         return self._masks[size]
 
-    def _load(self, plan: dict) -> dict[str, dict]:
-        by_fragment: dict[str, list[str]] = defaultdict(list)
-        for unit, frag in zip(plan["units"], plan["fragments"]):
-            by_fragment[frag].append(unit)
-        rows = {}
-        for frag, units in sorted(by_fragment.items()):
-            table = pq.read_table(self.rows_dir / frag, filters=[("unit_id", "in", units)])
-            for row in table.to_pylist():
-                rows.setdefault(row["unit_id"], row)
-        return rows
+    def write_job(self, job: dict, reader: RowReader | None = None) -> list[dict]:
+        reader = reader or RowReader(self.rows_dir, job["_fragment"], job["_row"])
+        summaries, start = [], 0
+        for shard, plan_hash, size in zip(job["shards"], job["plan_hashes"], job["sizes"]):
+            rows = [reader.take(f, r) for f, r in zip(job["_fragment"][start:start + size],
+                                                      job["_row"][start:start + size])]
+            if [r["unit_id"] for r in rows] != job["unit_id"][start:start + size]:
+                raise RuntimeError(f"{shard}: the score-stage fragments changed since the plan was made")
+            summaries.append(self.write(shard, plan_hash, rows))
+            start += size
+        return summaries
 
-    def write(self, plan: dict) -> dict:
-        rows = self._load(plan)
+    def write(self, shard: str, plan_hash: str, rows: list[dict]) -> dict:
         members, manifest = [], []
-        for unit in plan["units"]:
-            row = rows[unit]
+        for row in rows:
             key = row["pair_id"]
             region = row["mask"] is not None
             record = pair_json(row, "region" if region else "whole_image")
@@ -115,11 +234,11 @@ class PackStage(Stage):
             manifest.append({
                 **{k: row[k] for k in ("pair_id", "sample_id", "source_uri", "task", "task_id", "op", "editor",
                                        "instruction_en", "instruction_zh", "seed", "width", "height", "scores")},
-                "shard": plan["shard"], "task_zh": task_by_name(row["task"]).name_zh,
+                "shard": shard, "task_zh": task_by_name(row["task"]).name_zh,
                 "region_mask": region, "members": [n for n, _ in files],
                 "member_sha256": [sha256_hex(d) for _, d in files], "recipe_hash": self.ctx.recipe_hash})
         table = with_score_columns(pa.Table.from_pylist(manifest, schema=MANIFEST_SCHEMA))
-        return write_shard(self.out_dir, plan["shard"], members, table, {"plan_hash": plan["plan_hash"]})
+        return write_shard(self.out_dir, shard, members, table, {"plan_hash": plan_hash})
 
 
 def with_score_columns(table: pa.Table) -> pa.Table:
