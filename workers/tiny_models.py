@@ -17,6 +17,7 @@ from trainer.tiny_flux import build_tiny_flux, clip_tokenizer, flux_components, 
 from workers.lama import LAMA_FILE
 from workers.tiny_vision import build_tiny_dinov2, build_tiny_siglip_aesthetic
 from workers.tiny_vlm import build_tiny_qwen25vl_vllm
+from workers.tiny_vlm_trained import build_tiny_qwen25vl_instructor
 
 TINY_MODELS_ENV = "X2EDIT_TINY_MODELS"
 DEFAULT_DIR = Path(__file__).resolve().parents[1] / "models"  # gitignored
@@ -34,6 +35,7 @@ def build_tiny(name: str) -> Path:
                 "clip": build_tiny_clip, "grounding-dino": build_tiny_grounding_dino, "sam2": build_tiny_sam2,
                 "lama": build_tiny_lama, "qwen2.5-vl": build_tiny_qwen25vl_chat, "marian": build_tiny_marian,
                 "qwen2.5-vl-vllm": build_tiny_qwen25vl_vllm,  # wide enough for vLLM's CPU attention
+                "qwen2.5-vl-instructor": build_tiny_qwen25vl_instructor,  # taught our prompts: writes instructions
                 # the learned scorers' encoders (CLIP: "clip" above)
                 "siglip-aesthetic": lambda: build_tiny_siglip_aesthetic(tiny_models_dir() / "tiny-siglip-aesthetic"),
                 "dinov2": lambda: build_tiny_dinov2(tiny_models_dir() / "tiny-dinov2")}

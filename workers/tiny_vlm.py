@@ -10,10 +10,14 @@ processor and chat template (images placed as Qwen2.5-VL's own template places t
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from trainer.tiny_flux import QWEN_SPECIAL_TOKENS, publish, qwen25vl_parts
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 # The M-RoPE sections (time, height, width) split the head's 16 frequency pairs. The longest prompt (every
 # task's proposal, in Chinese) is ~7.6 k of this byte-level tokenizer's tokens.
@@ -24,20 +28,22 @@ TINY_VISION = {"depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_hea
                "fullatt_block_indexes": [1]}
 
 
-def qwen25vl_config_and_processor(text: dict, vision: dict, pixels: dict | None = None, seed: int = 0) -> tuple:
+def qwen25vl_config_and_processor(text: dict, vision: dict, pixels: dict | None = None, seed: int = 0,
+                                  tokenizer: PreTrainedTokenizerBase | None = None) -> tuple:
     """A Qwen2_5_VLConfig of these sizes and the tiny processor (tokenizer, chat template that places images),
-    its image processor bounded by `pixels` (min_pixels, max_pixels; None: Qwen2.5-VL's own bounds). The text
-    config's vocab_size defaults to the tokenizer's."""
+    its image processor bounded by `pixels` (min_pixels, max_pixels; None: Qwen2.5-VL's own bounds). The
+    tokenizer is trainer/tiny_flux.py's unless one with Qwen's special tokens is given; the text config's
+    vocab_size defaults to the tokenizer's."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     from workers.tiny_models import QWEN_VL_CHAT_TEMPLATE  # that module's registry imports this one
 
-    _, tiny = qwen25vl_parts(seed)
+    tokenizer = tokenizer or qwen25vl_parts(seed)[1].tokenizer
     processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**(pixels or {})),
-                                    video_processor=Qwen2VLVideoProcessor(**(pixels or {})), tokenizer=tiny.tokenizer,
+                                    video_processor=Qwen2VLVideoProcessor(**(pixels or {})), tokenizer=tokenizer,
                                     chat_template=QWEN_VL_CHAT_TEMPLATE)
-    ids = {token: tiny.tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
-    text = {"vocab_size": len(tiny.tokenizer), **text, "bos_token_id": ids["<|endoftext|>"],
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
+    text = {"vocab_size": len(tokenizer), **text, "bos_token_id": ids["<|endoftext|>"],
             "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]}
     config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
                               video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
