@@ -1,8 +1,8 @@
 """Scale: a synthetic finished run of N units, and what packing, inspecting and re-filtering it cost.
 
     python -m bench.scale pack-io --pairs 20000 [--fragment-rows 64]   # bytes the pack reads/writes per shard byte
-    python -m bench.scale make --units 1000000 --dir /tmp/run1m         # a finished run: fragments, shards, ledger
-    python -m bench.scale measure --dir /tmp/run1m                      # wall s and driver peak RSS per operation
+    python -m bench.scale make --units 1000000 --dir runs/scale-1m      # a finished run: fragments, shards, ledger
+    python -m bench.scale measure --dir runs/scale-1m                   # wall s and driver peak RSS per operation
 
 The run is real score-stage fragments (`commit_rows` rows each, the recipe default 64) of tiny images (16×16
 JPEGs, reused) with text columns of realistic length, a completion record, and then the pipeline's own pack,

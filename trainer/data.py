@@ -146,6 +146,11 @@ def fit(image: Image.Image, size_hw: tuple[int, int]) -> np.ndarray:
     return array.transpose(2, 0, 1) / 127.5 - 1
 
 
+def to_uint8(array: np.ndarray) -> np.ndarray:
+    """`fit`'s inverse: float (3, H, W) in [-1, 1] → RGB uint8 (H, W, 3)."""
+    return ((array.transpose(1, 2, 0) + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+
+
 class PairDataset:
     """Map-style dataset over an index; item = (source, target, instruction_en, task_id)."""
 

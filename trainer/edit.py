@@ -26,7 +26,7 @@ from PIL import Image
 
 from trainer.adapter_io import load_adapter, read_adapter_config
 from trainer.classify import LLMTaskClassifier, resolve_task
-from trainer.data import bucket_for, fit
+from trainer.data import bucket_for, fit, to_uint8
 from trainer.model import EditModel, TextEncoder
 
 
@@ -88,7 +88,7 @@ def edit(pipe, adapter, image: Image.Image, instruction: str, task_id: int, *, r
             velocity = model.predict(latents, reference, text, sigma, guidance)
             latents = scheduler.step(velocity, t, latents).prev_sample
     pixels = model.decode_latents(latents)[0].float().cpu().numpy()
-    return Image.fromarray(((pixels.transpose(1, 2, 0) + 1) * 127.5).round().clip(0, 255).astype(np.uint8))
+    return Image.fromarray(to_uint8(pixels))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -46,7 +46,7 @@ from stages.base import StageContext
 from stages.score import ScoreConfig, ScoreStage
 from trainer.adapter_io import read_adapter_config
 from trainer.classify import resolve_task
-from trainer.data import fit, pair_record
+from trainer.data import fit, pair_record, to_uint8
 from trainer.edit import edit, load_editor
 
 MAX_PIXELS = 1 << 26  # a benchmark image larger than 64 MP is refused like any hostile input
@@ -118,8 +118,7 @@ def score_edits(items: list[BenchItem], edits: list[np.ndarray], scorers: dict, 
     stage = ScoreStage(ScoreConfig(scorers=scorers), StageContext(seed=0, recipe_hash="evaluate", run_dir="."))
     rows = []
     for i, (item, edit, task) in enumerate(zip(items, edits, tasks)):
-        source = fit(Image.fromarray(item.image), edit.shape[:2])  # the bucket the adapter edited in
-        source = ((source.transpose(1, 2, 0) + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+        source = to_uint8(fit(Image.fromarray(item.image), edit.shape[:2]))  # the bucket the adapter edited in
         rows.append({**empty_row(), "unit_id": str(i), "src": encode_png(source), "edited": encode_png(edit),
                      "task": task, "instruction_en": item.instruction, "warnings": []})
     scored = {int(r["unit_id"]): r for r in stage.process(rows)}
