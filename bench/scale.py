@@ -103,7 +103,7 @@ def synthesise(run_dir: Path, units: int, fragment_rows: int = 64, seed: int = 0
                 rows.append(_pair_row(rng, sample, position, 2, str(task), images, masks, thumb))
         if len(rows) >= fragment_rows or index + len(rows) >= units:
             table = to_table(rows)  # written whole, without the commit protocol's fsync: same bytes, faster
-            fragment_path(out, table.column("unit_id").to_pylist()).write_bytes(fragment_bytes(table))
+            fragment_path(out, table.column("unit_id").to_pylist()).put(fragment_bytes(table))
             index, rows = index + len(rows), []
     finish(run_dir, "score")
 
@@ -139,7 +139,7 @@ def pack_io(pairs: int, fragment_rows: int) -> dict:
     from manifests.fragments import list_fragments, read_units
     from pipeline.stage_state import stage_dir
     from stages.base import StageContext
-    from stages.pack import PACK_READS, PackConfig, PackStage, RowReader, plan_shards
+    from stages.pack import PLAN_COLUMNS, PackConfig, PackStage, RowReader, plan_shards
 
     root = Path(tempfile.mkdtemp(prefix="x2edit-bench-packio-"))
     try:
@@ -148,7 +148,7 @@ def pack_io(pairs: int, fragment_rows: int) -> dict:
         out.mkdir()
         cfg = PackConfig(shard_size=100)
         start = time.perf_counter()
-        plan = plan_shards(read_units(rows_dir, columns=PACK_READS), cfg)
+        plan = plan_shards(read_units(rows_dir, columns=list(PLAN_COLUMNS)), cfg)
         planned = time.perf_counter() - start
         stage = PackStage(cfg, StageContext(seed=0, recipe_hash="bench", run_dir=str(root)), str(rows_dir), str(out))
         jobs = plan.jobs(skip=set())
@@ -159,7 +159,7 @@ def pack_io(pairs: int, fragment_rows: int) -> dict:
             stage.write_job(job, reader)
             logical += reader.bytes_read
         wrote, after = time.perf_counter() - start, _io()
-        committed = sum(p.stat().st_size for p in list_fragments(rows_dir))
+        committed = sum(p.size() for p in list_fragments(rows_dir))
         shard_bytes = sum(p.stat().st_size for p in out.iterdir())
         accepted = plan.order.num_rows
         return {"pairs": accepted, "fragment_rows": fragment_rows, "fragments_MB": round(committed / 1e6, 1),
@@ -180,16 +180,16 @@ def pack_io(pairs: int, fragment_rows: int) -> dict:
 def plan_or_ledger(name: str, run_dir: Path) -> None:
     """The pack's driver work without its Ray jobs: read the rows and plan (and build and write the ledger)."""
     from manifests.fragments import read_units
-    from manifests.ledger import build_ledger, write_ledger
+    from manifests.ledger import write_ledger
     from pipeline.stage_state import completion_records, stage_dir
-    from stages.pack import PACK_READS, PackConfig, plan_shards
+    from stages.pack import PLAN_COLUMNS, PackConfig, plan_shards
 
-    rows = read_units(stage_dir(run_dir, "score"), columns=PACK_READS)
+    rows = read_units(stage_dir(run_dir, "score"), columns=list(PLAN_COLUMNS))
     plan = plan_shards(rows, PackConfig(**json.loads((run_dir / "recipe.json").read_text())["recipe"]["pack"]))
     plan.jobs(skip=set())
     if name == "ledger":
         with tempfile.TemporaryDirectory() as scratch:
-            write_ledger(Path(scratch), build_ledger(rows, plan.shard_column(rows.num_rows)),
+            write_ledger(Path(scratch), stage_dir(run_dir, "score"), rows, plan.shard_column(rows.num_rows),
                          completion_records(run_dir))
 
 

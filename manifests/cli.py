@@ -9,7 +9,9 @@
     x2edit-shards export RUN --task subject_removal --out DIR
     x2edit-shards report RUN                               # RUN/report.html, self-contained
 
-RUN is a pipeline run dir (recipe.json, shards/, ledger.parquet) or the output of `export`.
+RUN is a pipeline run dir (recipe.json, shards/, ledger.parquet) or the output of `export`, as a local path or
+a URL (`s3://bucket/run`, `gs://…`; endpoint and credentials from the environment, e.g. AWS_ENDPOINT_URL).
+`export --out` and `report --out` take a URL too; `show --out` and `sample --images` write local folders.
 `--where` is a DuckDB SQL boolean expression over the columns listed in `sample --help`.
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 
 from manifests.inspect import RunError, open_run
 from manifests.schema import ACCEPTED, FAILED, REJECTED
+from manifests.storage import store_path
 
 MAX_PROBLEMS = 50  # a systematically broken corpus would otherwise print one line per member
 
@@ -156,17 +159,17 @@ def cmd_validate(args) -> int:
 def cmd_export(args) -> int:
     from manifests.query import export_slice
 
-    body = export_slice(open_run(args.run), Path(args.out), tasks=args.task, where=args.where,
+    body = export_slice(open_run(args.run), args.out, tasks=args.task, where=args.where,
                         shard_size=args.shard_size, prefix=args.prefix)
-    print(f"exported {body['pairs']} pairs into {len(body['shards'])} shards under {Path(args.out) / 'shards'}")
+    print(f"exported {body['pairs']} pairs into {len(body['shards'])} shards under {store_path(args.out) / 'shards'}")
     return 0
 
 
 def cmd_report(args) -> int:
     from manifests.html_report import write_html_report
 
-    path = write_html_report(Path(args.run), Path(args.out) if args.out else None, per_group=args.per_group)
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    path = write_html_report(args.run, args.out, per_group=args.per_group)
+    print(f"wrote {path} ({store_path(path).size() / 1e6:.2f} MB)")
     return 0
 
 
@@ -177,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name: str, handler, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
-        p.add_argument("run", help="run dir")
+        p.add_argument("run", help="run dir: a path or a URL (s3://bucket/run)")
         p.set_defaults(handler=handler)
         return p
 
@@ -203,13 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help="also write each unit's images to IMAGES/<unit_id>/")
     command("validate", cmd_validate, "check that the corpus is intact; exit 1 with the problems otherwise")
     p = command("export", cmd_export, "write the accepted pairs of a slice as new shards + manifests")
-    p.add_argument("--out", required=True, help="new, empty directory")
+    p.add_argument("--out", required=True, help="new, empty directory (a path or a URL)")
     p.add_argument("--task", action="append", help="task name (repeatable)")
     p.add_argument("--where", help="DuckDB boolean expression (see sample --help)")
     p.add_argument("--shard-size", type=int, default=100, help="pairs per shard; default 100")
     p.add_argument("--prefix", help="shard name prefix (default: the run's)")
     p = command("report", cmd_report, "write a self-contained HTML report")
-    p.add_argument("--out", help="HTML file (default: RUN/report.html)")
+    p.add_argument("--out", help="HTML file, a path or a URL (default: RUN/report.html)")
     p.add_argument("--per-group", type=int, default=8, help="gallery units per (task, decision, reason)")
     return parser
 

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from manifests.commit import TMP_MARKER, atomic_write_bytes
 from manifests.schema import HEAVY_COLUMNS, ROW_SCHEMA, stable_hash
+from manifests.storage import StorePath, read_parquet, store_path
 
 
 # Fragments are read a few hundred at a time into one chunk: a chunk per fragment costs more than its rows.
@@ -38,8 +39,8 @@ ROW_GROUP_ROWS = 64  # the pack reads a fragment by row groups (stages/pack.py):
 STATISTICS = [c for c in ROW_SCHEMA.names if c not in (*HEAVY_COLUMNS, "thumb")]
 
 
-def fragment_path(directory: Path, unit_ids: list[str]) -> Path:
-    return Path(directory) / f"frag-{stable_hash(*sorted(unit_ids), n=24)}.parquet"
+def fragment_path(directory: Path | StorePath, unit_ids: list[str]) -> StorePath:
+    return store_path(directory) / f"frag-{stable_hash(*sorted(unit_ids), n=24)}.parquet"
 
 
 def fragment_bytes(table: pa.Table) -> bytes:
@@ -49,20 +50,17 @@ def fragment_bytes(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
-def write_fragment(directory: Path, table: pa.Table) -> Path:
+def write_fragment(directory: Path | StorePath, table: pa.Table) -> StorePath:
     path = fragment_path(directory, table.column("unit_id").to_pylist())
     atomic_write_bytes(path, fragment_bytes(table))
     return path
 
 
-def list_fragments(directory: Path) -> list[Path]:
-    directory = Path(directory)
-    if not directory.exists():
-        return []
-    return sorted(p for p in directory.glob("frag-*.parquet") if TMP_MARKER not in p.name)
+def list_fragments(directory: Path | StorePath) -> list[StorePath]:
+    return [p for p in store_path(directory).glob("frag-*.parquet") if TMP_MARKER not in p.name]
 
 
-def read_units(directory: Path, columns: list[str] | None = None) -> pa.Table:
+def read_units(directory: Path | StorePath, columns: list[str] | None = None) -> pa.Table:
     """All committed rows of a stage, one per unit id (first copy wins, in fragment-name order), with where
     each lies: `_fragment` (file name, dictionary-encoded) and `_row` (its row in that file)."""
     paths = list_fragments(directory)
@@ -70,7 +68,7 @@ def read_units(directory: Path, columns: list[str] | None = None) -> pa.Table:
         return pa.table({"unit_id": pa.array([], pa.string())})
     parts, pending, sizes = [], [], []
     for path in paths:
-        pending.append(pq.ParquetFile(path).read(columns=columns, use_threads=False))  # read_table: 2x slower
+        pending.append(read_parquet(path, columns))
         sizes.append(pending[-1].num_rows)
         if len(pending) == COMBINE_FRAGMENTS or path == paths[-1]:
             parts.append(pa.concat_tables(pending).combine_chunks())
@@ -92,7 +90,7 @@ def first_occurrences(ids: pa.ChunkedArray) -> pa.Array | None:
     return pa.array(np.sort(first.column("i_min").to_numpy()))
 
 
-def done_ids(directory: Path) -> set[str]:
+def done_ids(directory: Path | StorePath) -> set[str]:
     """Unit ids and sample ids whose work in this stage is complete."""
     table = read_units(directory, columns=["unit_id", "sample_id", "fanout"])
     if table.num_rows == 0:
@@ -131,12 +129,12 @@ def plan_record(table: pa.Table) -> dict:
             "samples": pc.count_distinct(samples).as_py(), "samples_sha": unit_digest(samples)}
 
 
-def mark_complete(directory: Path, record: dict) -> None:
+def mark_complete(directory: Path | StorePath, record: dict) -> None:
     """Record that a stage has finished every unit of the plan. Written last, through the commit protocol,
     so its presence means the stage's fragments hold the whole plan; the next stage starts only then."""
-    atomic_write_bytes(Path(directory) / COMPLETE_NAME, json.dumps(record, indent=1, sort_keys=True).encode())
+    atomic_write_bytes(store_path(directory) / COMPLETE_NAME, json.dumps(record, indent=1, sort_keys=True).encode())
 
 
-def read_completion(directory: Path) -> dict | None:
-    path = Path(directory) / COMPLETE_NAME
+def read_completion(directory: Path | StorePath) -> dict | None:
+    path = store_path(directory) / COMPLETE_NAME
     return json.loads(path.read_text()) if path.exists() else None

@@ -24,16 +24,19 @@ from manifests.images import contact_thumb
 from manifests.inspect import SCORE_PREFIX, Run, ended_rows, open_run, read_members, run_stats
 from manifests.query import connect, quote_ident
 from manifests.schema import ACCEPTED, FAILED, REJECTED
+from manifests.storage import StorePath
 
 TEMPLATE = Path(__file__).with_name("report_template.html")
 THUMB_HEIGHT = 96
 COLORS = {ACCEPTED: (76, 120, 168), REJECTED: (245, 133, 24), FAILED: (214, 39, 40)}
 
 
-def write_html_report(run_dir: Path, out: Path | None = None, per_group: int = 8) -> Path:
-    """Render the run's report page to `out` (default `<run_dir>/report.html`); returns its path."""
+def write_html_report(run_dir: str | Path | StorePath, out: str | Path | StorePath | None = None,
+                      per_group: int = 8) -> str | Path | StorePath:
+    """Render the run's report page to `out` (a local path or a URL; default `<run_dir>/report.html`, in the
+    run dir's store); returns where it wrote."""
     run = open_run(run_dir)
-    out = Path(out) if out else run.root / "report.html"
+    out = out or run.root / "report.html"
     atomic_write_bytes(out, render_html(run, per_group).encode())
     return out
 
@@ -53,7 +56,7 @@ def render_html(run: Run, per_group: int) -> str:
     recipe = run.report_json() or {}
     fields = {
         "title": html.escape(f"x2edit corpus {run.root.name}"),
-        "summary": html.escape(f"{run.root.resolve()}: recipe {recipe.get('recipe', '?')} "
+        "summary": html.escape(f"{run.root}: recipe {recipe.get('recipe', '?')} "
                                f"({recipe.get('recipe_hash', '?')}); {accepted} accepted pairs in "
                                f"{len(run.manifests())} shards; gallery: {len(gallery)} units (at most {per_group} "
                                "per task, decision and reason)"),

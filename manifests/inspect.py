@@ -2,7 +2,9 @@
 ended units back (manifests/show.py builds one pair's record from these).
 
 pyarrow only (no DuckDB, no Ray), so `ls`, `stats` and `show` start fast. A run dir is either a pipeline run
-(its `recipe.json` names the shard prefix) or an export made by `x2edit-shards export` (`export.json`).
+(its `recipe.json` names the shard prefix) or an export made by `x2edit-shards export` (`export.json`), in a
+local or shared folder or an object store (`s3://bucket/run`, manifests/storage.py): every file is read
+through `Run.root`, a StorePath, and each file once.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -21,10 +24,10 @@ from manifests.fragments import list_fragments
 from manifests.ledger import LEDGER_NAME
 from manifests.schema import ACCEPTED, FAILED, REJECTED, STAGES
 from manifests.shards import shard_summary
+from manifests.storage import StorePath, read_parquet, store_path
 
 EXPORT_FILE = "export.json"
 SCORE_PREFIX = "score_"
-
 
 class RunError(Exception):
     """A problem with the run dir or the request, worded for the user; the CLI prints it and exits 1."""
@@ -32,44 +35,51 @@ class RunError(Exception):
 
 @dataclass(frozen=True)
 class Run:
-    root: Path
+    root: StorePath  # a local path or URL given here is made one
     prefix: str
 
+    def __post_init__(self):
+        object.__setattr__(self, "root", store_path(self.root))
+
     @property
-    def shards_dir(self) -> Path:
+    def shards_dir(self) -> StorePath:
         return self.root / "shards"
 
     @property
-    def ledger_path(self) -> Path | None:
+    def ledger_path(self) -> StorePath | None:
         path = self.root / LEDGER_NAME
         return path if path.exists() else None
 
     @property
-    def fragments_dir(self) -> Path:
+    def fragments_dir(self) -> StorePath:
         return self.root / "stages" / "score"  # the last stage's rows: thumbnails of the units that ended
 
-    def manifests(self) -> list[Path]:
-        return sorted(self.shards_dir.glob(f"{self.prefix}-*.parquet"))
+    def manifests(self) -> list[StorePath]:
+        return self.shards_dir.glob(f"{self.prefix}-*.parquet")
 
-    def tar(self, shard: str) -> Path:
+    def tar(self, shard: str) -> StorePath:
         return self.shards_dir / f"{shard}.tar"
 
     def report_json(self) -> dict | None:
-        path = self.root / "report.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        return (self.root / "report.json").read_json()
 
 
-def open_run(path: str | Path) -> Run:
-    root = Path(path)
-    if not root.is_dir():
+def open_run(path: str | Path | StorePath) -> Run:
+    """The run dir at a local path or a URL (`s3://bucket/run`: endpoint and credentials from the environment)."""
+    try:
+        root = store_path(path)
+        found = root.is_dir()  # False for a missing bucket too
+    except (ValueError, OSError) as exc:  # not a storage URL, or the store refused (credentials, network)
+        raise RunError(f"{path}: cannot open the run dir ({type(exc).__name__}: {exc})") from exc
+    if not found:
         raise RunError(f"{root}: no such run dir")
     for name, prefix_of in (("recipe.json", lambda d: d["recipe"]["pack"]["prefix"]),
                             (EXPORT_FILE, lambda d: d["prefix"])):
-        if (root / name).exists():
-            try:
-                return Run(root, prefix_of(json.loads((root / name).read_text())))
-            except (KeyError, TypeError, json.JSONDecodeError) as exc:
-                raise RunError(f"{root / name}: cannot read the shard prefix ({type(exc).__name__}: {exc})") from exc
+        try:
+            if (body := (root / name).read_json()) is not None:
+                return Run(root, prefix_of(body))
+        except (KeyError, TypeError, json.JSONDecodeError) as exc:
+            raise RunError(f"{root / name}: cannot read the shard prefix ({type(exc).__name__}: {exc})") from exc
     raise RunError(f"{root} is not a run dir: it has neither recipe.json (a pipeline run) "
                    f"nor {EXPORT_FILE} (an x2edit-shards export)")
 
@@ -77,13 +87,14 @@ def open_run(path: str | Path) -> Run:
 # ---------------------------------------------------------------------------------------------- ls
 
 def list_shards(run: Run) -> list[dict]:
-    """Every shard file with its recorded summary and commit state (cheap: no tar is read)."""
-    tars = {p.stem: p for p in run.shards_dir.glob(f"{run.prefix}-*.tar")}
-    manifests = {p.stem: p for p in run.manifests()}
+    """Every shard file with its recorded summary and commit state (cheap: no tar is read; one listing gives
+    the names and sizes)."""
+    files = run.shards_dir.sizes(f"{run.prefix}-*")
+    tars = {n.removesuffix(".tar"): size for n, size in files.items() if n.endswith(".tar")}
+    manifests = {n.removesuffix(".parquet"): run.shards_dir / n for n in files if n.endswith(".parquet")}
     rows = []
     for name in sorted(set(tars) | set(manifests)):
-        row = {"shard": name, "pairs": None, "bytes": tars[name].stat().st_size if name in tars else None,
-               "sha256": None}
+        row = {"shard": name, "pairs": None, "bytes": tars.get(name), "sha256": None}
         if name not in manifests:
             row["state"] = "uncommitted (tar without manifest; a rerun discards it)"
         else:
@@ -104,8 +115,8 @@ def list_shards(run: Run) -> list[dict]:
     return rows
 
 
-def temp_files(run: Run) -> list[Path]:
-    return sorted(p for p in run.shards_dir.glob(".*") if TMP_MARKER in p.name)
+def temp_files(run: Run) -> list[StorePath]:
+    return [p for p in run.shards_dir.glob(".*") if TMP_MARKER in p.name]
 
 
 # ------------------------------------------------------------------------------------------- stats
@@ -162,19 +173,29 @@ def editor_stats(ledger: pa.Table) -> dict[str, dict]:
     return editors
 
 
-def score_distributions(run: Run) -> dict[str, dict[str, dict]]:
-    """{score: {task: n, min, p10, p50, p90, max}} over the accepted pairs (the manifests' score_* columns)."""
+def manifest_table(run: Run, pick, row_numbers: bool = False) -> pa.Table | None:
+    """Columns of every manifest as one table (None when there is no manifest): `pick(names)` chooses them from
+    each file's schema; `_row` numbers the rows within their manifest. Each manifest is opened once, and they
+    are combined a few hundred at a time: a corpus has thousands, of a hundred rows each, and a chunk per
+    file costs more than its values."""
     tables, pending = [], []
     for path in run.manifests():
-        file = pq.ParquetFile(path)  # one open for schema and columns: a corpus has thousands of manifests
-        names = [n for n in file.schema_arrow.names if n.startswith(SCORE_PREFIX)]
-        pending.append(file.read(columns=["task", *names], use_threads=False))
-        if len(pending) == 256:  # a few columns of a hundred rows each: chunks cost more than their values
+        file = pq.ParquetFile(path.open())
+        table = file.read(columns=pick(file.schema_arrow.names), use_threads=False)
+        pending.append(table.append_column("_row", pa.array(np.arange(table.num_rows))) if row_numbers else table)
+        if len(pending) == 256:
             tables.append(pa.concat_tables(pending, promote_options="default").combine_chunks())
             pending = []
     if not tables + pending:
+        return None
+    return pa.concat_tables(tables + pending, promote_options="default")
+
+
+def score_distributions(run: Run) -> dict[str, dict[str, dict]]:
+    """{score: {task: n, min, p10, p50, p90, max}} over the accepted pairs (the manifests' score_* columns)."""
+    table = manifest_table(run, lambda names: ["task", *(n for n in names if n.startswith(SCORE_PREFIX))])
+    if table is None:
         return {}
-    table = pa.concat_tables(tables + pending, promote_options="default")
     tasks = table["task"]
     out: dict[str, dict] = {}
     for name in sorted(n for n in table.column_names if n.startswith(SCORE_PREFIX)):
@@ -194,8 +215,8 @@ def run_stats(run: Run) -> dict:
     if not run.ledger_path:
         raise RunError(f"{run.root} has no {LEDGER_NAME} (an export?): stats needs the ledger of a pipeline run")
     labels = ["status", "stage", "reason", "task", "editor"]  # a few values each: dictionary-encoded, 4 B a row
-    ledger = pq.read_table(run.ledger_path, columns=["sample_id", "pair_id", *labels, *(f"t_{s}" for s in STAGES[:-1])],
-                           read_dictionary=labels)
+    ledger = pq.read_table(run.ledger_path.open(), read_dictionary=labels,
+                           columns=["sample_id", "pair_id", *labels, *(f"t_{s}" for s in STAGES[:-1])])
     steps = funnel(ledger)
     report = run.report_json() or {}
     target = {t: v.get("target_share") for t, v in report.get("accepted_per_task", {}).items()}
@@ -209,8 +230,8 @@ def run_stats(run: Run) -> dict:
         busy = pc.sum(ledger[f"t_{step['stage']}"]).as_py() or 0.0
         throughput[step["stage"]] = {"units": step["in"], "busy_s": round(busy, 3),
                                      "units_per_busy_s": round(step["in"] / busy, 2) if busy else None}
-    walls = run.root / "invocations.json"
-    wall = sum(w["wall_s"] for w in json.loads(walls.read_text())) if walls.exists() else None
+    walls = (run.root / "invocations.json").read_json()
+    wall = sum(w["wall_s"] for w in walls) if walls is not None else None
     return {"units": {r["status"]: r["count_all"] for r in _group_counts(ledger.select(["status"]), ["status"])},
             "funnel": steps, "tasks": tasks, "editors": editor_stats(ledger), "throughput": throughput,
             "wall_s": wall, "pairs_per_s": round(accepted / wall, 3) if wall else None,
@@ -224,7 +245,7 @@ def read_members(run: Run, shard: str, keys: set[str]) -> dict[str, dict[str, by
     tar_path = run.tar(shard)
     found: dict[str, dict[str, bytes]] = defaultdict(dict)
     try:
-        with tarfile.open(tar_path, mode="r:") as tar:
+        with tar_path.open_walk() as f, tarfile.open(fileobj=f, mode="r:") as tar:
             for info in tar:
                 key = info.name.partition(".")[0]
                 if key in keys:
@@ -249,11 +270,11 @@ def ended_rows(run: Run, unit_ids: list[str], columns: list[str]) -> dict[str, d
     rows: dict[str, dict] = {}
     for path in list_fragments(run.fragments_dir):
         # unit ids first: the wide columns (thumbnails) are read only from the few fragments that matter
-        ids = pq.ParquetFile(path).read(columns=["unit_id"], use_threads=False)["unit_id"]  # read_table: 3x slower
+        ids = read_parquet(path, ["unit_id"])["unit_id"]
         if not pc.any(pc.is_in(ids, wanted)).as_py():
             continue
-        table = pq.read_table(path, columns=list(dict.fromkeys(["unit_id", *columns, *images])),
-                              filters=pc.is_in(pc.field("unit_id"), wanted))
+        table = read_parquet(path, list(dict.fromkeys(["unit_id", *columns, *images])),
+                             filters=pc.is_in(pc.field("unit_id"), wanted))
         for row in table.to_pylist():
             rows.setdefault(row["unit_id"], row)
     for row in rows.values():

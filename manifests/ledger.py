@@ -9,16 +9,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from manifests.commit import atomic_write_parquet
-from manifests.schema import ACCEPTED, LIVE, ROW_STAGES
+from manifests.commit import atomic_writer
+from manifests.fragments import COMBINE_FRAGMENTS
+from manifests.schema import ACCEPTED, LIVE, ROW_SCHEMA, ROW_STAGES
+from manifests.storage import StorePath, parquet_schema, read_parquet, store_path
 
 LEDGER_COLUMNS = ("unit_id", "sample_id", "pair_id", "status", "stage", "reason", "message", "warnings",
                   "source_uri", "task", "op", "editor", "instruction_en", "scores", "thresholds",
                   *(f"t_{stage}" for stage in ROW_STAGES))
+LEDGER_SCHEMA = pa.schema([*(ROW_SCHEMA.field(c) for c in LEDGER_COLUMNS), ("shard", pa.string())])
 LEDGER_NAME = "ledger.parquet"
 PLAN_KEY = b"x2edit_plan"
 
@@ -37,19 +41,39 @@ def build_ledger(rows: pa.Table, shards: pa.Array) -> pa.Table:
     return table.append_column("shard", pc.if_else(live, shards, pa.scalar(None, pa.string())))
 
 
-def write_ledger(run_dir: Path, ledger: pa.Table, plan: dict[str, dict]) -> Path:
-    """`plan`: the stages' completion records (manifests.fragments). Kept in the file's metadata, so a corpus
-    copied without its stage outputs can still be checked against the units it was planned with."""
-    path = Path(run_dir) / LEDGER_NAME
-    atomic_write_parquet(path, ledger.replace_schema_metadata({PLAN_KEY: json.dumps(plan, sort_keys=True)}))
+def write_ledger(run_dir: Path | StorePath, rows_dir: Path | StorePath, units: pa.Table, shards: pa.Array,
+                 plan: dict[str, dict]) -> StorePath:
+    """Stream the ledger into its file, a few hundred fragments at a time, so that a run of millions of units
+    holds one group's ledger columns, never the whole ledger. `units`: read_units' table of `rows_dir` (the kept
+    copy of each unit: `_fragment`, `_row`, in fragment order); `shards`: aligned with it (build_ledger).
+    `plan`: the stages' completion records, kept in the file's metadata, so a corpus copied without its stage
+    outputs can still be checked against the units it was planned with."""
+    path, rows_dir = store_path(run_dir) / LEDGER_NAME, store_path(rows_dir)
+    fragment = units.column("_fragment").combine_chunks()
+    codes, rows = fragment.indices.to_numpy(), units.column("_row").to_numpy()
+    if np.any(np.diff(codes) < 0):
+        raise ValueError("units are not in fragment order (read_units' table is)")
+    names = fragment.dictionary.to_pylist()
+    schema = LEDGER_SCHEMA.with_metadata({PLAN_KEY: json.dumps(plan, sort_keys=True)})
+    with atomic_writer(path) as f, pq.ParquetWriter(f, schema, compression="zstd") as writer:
+        for first in range(0, len(names), COMBINE_FRAGMENTS):
+            lo, hi = np.searchsorted(codes, [first, first + COMBINE_FRAGMENTS])
+            parts = []
+            for code in range(first, min(first + COMBINE_FRAGMENTS, len(names))):
+                a, b = np.searchsorted(codes, [code, code + 1])
+                if b > a:
+                    table = read_parquet(rows_dir / names[code], list(LEDGER_COLUMNS))
+                    parts.append(table.take(pa.array(rows[a:b])))
+            if parts:
+                writer.write_table(build_ledger(pa.concat_tables(parts), shards.slice(lo, hi - lo)).cast(schema))
     return path
 
 
-def ledger_plan(path: Path) -> dict[str, dict]:
+def ledger_plan(path: Path | StorePath) -> dict[str, dict]:
     """The completion records a ledger was written against ({} for a ledger written before they existed)."""
-    meta = pq.read_schema(path).metadata or {}
+    meta = parquet_schema(store_path(path)).metadata or {}
     return json.loads(meta[PLAN_KEY]) if PLAN_KEY in meta else {}
 
 
-def read_ledger(run_dir: Path) -> pa.Table:
-    return pq.read_table(Path(run_dir) / LEDGER_NAME)
+def read_ledger(run_dir: Path | StorePath, columns: list[str] | None = None) -> pa.Table:
+    return read_parquet(store_path(run_dir) / LEDGER_NAME, columns)

@@ -1,4 +1,5 @@
-"""DuckDB over a run's Parquet tables: `sample` selects units, `export` writes a slice as new shards.
+"""DuckDB over a run's Parquet tables, local or in an object store: `sample` selects units, `export` writes a
+slice as new shards.
 
 One view, `units`, holds every unit of the run:
 - accepted pairs from the shard manifests, with their flattened `score_<name>` columns;
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
@@ -23,6 +25,7 @@ from manifests.commit import atomic_write_bytes
 from manifests.inspect import EXPORT_FILE, SCORE_PREFIX, Run, RunError, read_members
 from manifests.schema import ACCEPTED, stable_hash
 from manifests.shards import MANIFEST_SCHEMA, shard_name, write_shard
+from manifests.storage import StorePath, store_path
 from manifests.taxonomy import UnknownTaskError, task_by_name
 
 BASE_COLUMNS = ("unit_id", "pair_id", "sample_id", "decision", "stage", "reason", "message", "shard", "task", "op",
@@ -41,6 +44,37 @@ def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def _file_names(con: duckdb.DuckDBPyConnection, root: StorePath) -> Callable[[StorePath], str]:
+    """How DuckDB names the run's files: local paths as they are; in an object store `<protocol>://bucket/key`,
+    read through the run's own pyarrow filesystem, registered with DuckDB as fsspec sees it. DuckDB's own S3
+    reader (httpfs) is an extension it would download, configured apart; this way DuckDB still streams the files
+    itself (a few columns, each file's row numbers, in its threads, under its memory cap) as it does local ones."""
+    if root.is_local:
+        return lambda path: path.path
+    from fsspec.implementations.arrow import ArrowFSWrapper
+
+    class Store(ArrowFSWrapper):
+        """Each file's info fetched once: DuckDB asks for it (size, time) around every open, and on an object
+        store each is a request (a manifest: 8 requests, 4 with this)."""
+        cachable = False  # fsspec would hand every connection the same instance, with an old cache
+
+        def __init__(self, fs):
+            super().__init__(fs)
+            self.infos: dict[str, dict] = {}
+
+        def info(self, path, **kwargs):
+            if (path := self._strip_protocol(path)) not in self.infos:
+                self.infos[path] = super().info(path)
+            return self.infos[path]
+
+        def modified(self, path):
+            return self.info(path)["mtime"]
+
+    store = Store(root.fs)
+    con.register_filesystem(store)
+    return lambda path: f"{store.protocol}://{path.path}"
+
+
 def connect(run: Run) -> tuple[duckdb.DuckDBPyConnection, list[str]]:
     """An in-memory DuckDB with the `units` view over the run; returns it and the score names.
 
@@ -49,12 +83,13 @@ def connect(run: Run) -> tuple[duckdb.DuckDBPyConnection, list[str]]:
     columns differ would need DuckDB's union_by_name, which keeps a reader open per file (~60 kB each: a GB for
     a corpus of ten thousand shards)."""
     con = duckdb.connect(config={"memory_limit": DUCKDB_MEMORY})
+    name = _file_names(con, run.root)
     parts, names, tables = [], set(), []
     if run.ledger_path:  # every unit's scores, the accepted pairs' included
-        con.execute(f"CREATE VIEW ledger AS SELECT * FROM read_parquet({_literal(str(run.ledger_path))})")
+        con.execute(f"CREATE VIEW ledger AS SELECT * FROM read_parquet({_literal(name(run.ledger_path))})")
         tables.append("ledger")
     if run.manifests():
-        files = _literal(str(run.shards_dir / f"{run.prefix}-*.parquet"))
+        files = _literal(name(run.shards_dir / f"{run.prefix}-*.parquet"))
         fixed = ", ".join(quote_ident(c) for c in MANIFEST_SCHEMA.names)
         con.execute(f"CREATE VIEW manifests AS SELECT {fixed}, file_row_number FROM read_parquet({files}, "
                     "file_row_number = true)")
@@ -127,9 +162,11 @@ def known_values(run: Run, column: str) -> list[str]:
                                       "IS NOT NULL ORDER BY 1").fetchall()]
 
 
-def export_slice(run: Run, out: Path, *, tasks: list[str] | None = None, where: str | None = None,
-                 shard_size: int = 100, prefix: str | None = None) -> dict:
-    """Write the accepted pairs that match as new shards (+ manifests) under out/shards; returns export.json."""
+def export_slice(run: Run, out: str | Path | StorePath, *, tasks: list[str] | None = None,
+                 where: str | None = None, shard_size: int = 100, prefix: str | None = None) -> dict:
+    """Write the accepted pairs that match as new shards (+ manifests) under out/shards (a folder or an object
+    store prefix); returns export.json."""
+    out = store_path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise RunError(f"--out {out} exists and is not an empty directory; export writes a fresh corpus")
     prefix = prefix or run.prefix
@@ -145,7 +182,7 @@ def export_slice(run: Run, out: Path, *, tasks: list[str] | None = None, where: 
     for row in rows:
         by_shard.setdefault(row["shard"], []).append(row["pair_id"])
     for shard, keys in by_shard.items():
-        manifest = pq.read_table(run.shards_dir / f"{shard}.parquet")
+        manifest = pq.read_table((run.shards_dir / f"{shard}.parquet").open())
         position = {key: i for i, key in enumerate(manifest["pair_id"].to_pylist())}
         members = read_members(run, shard, set(keys))
         for key in keys:
@@ -160,7 +197,7 @@ def export_slice(run: Run, out: Path, *, tasks: list[str] | None = None, where: 
             writer.add(key, files, row)
     writer.flush()
     # written last: an interrupted export leaves a folder that open_run refuses, not a partial corpus
-    body = {"prefix": prefix, "source_run": str(run.root.resolve()), "selection": {"tasks": tasks, "where": where},
+    body = {"prefix": prefix, "source_run": str(run.root), "selection": {"tasks": tasks, "where": where},
             "pairs": matches, "shards": writer.summaries}
     atomic_write_bytes(out / EXPORT_FILE, json.dumps(body, indent=2, ensure_ascii=False).encode())
     return body
@@ -169,7 +206,7 @@ def export_slice(run: Run, out: Path, *, tasks: list[str] | None = None, where: 
 class _ShardWriter:
     """Collects pairs and writes a shard (tar, then its committing manifest) every `size` pairs."""
 
-    def __init__(self, out_dir: Path, prefix: str, size: int):
+    def __init__(self, out_dir: StorePath, prefix: str, size: int):
         self.out_dir, self.prefix, self.size = out_dir, prefix, size
         self.pending: list[tuple[str, list[tuple[str, bytes]], pa.Table]] = []
         self.summaries: list[dict] = []

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Iterator
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from manifests.commit import atomic_write_bytes, atomic_write_parquet
+from manifests.storage import StorePath, parquet_schema, read_parquet, store_path
 
 MANIFEST_SCHEMA = pa.schema([
     ("pair_id", pa.string()),
@@ -67,39 +67,44 @@ def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
     return buf.getvalue()
 
 
-def write_shard(out_dir: Path, name: str, members: list[tuple[str, bytes]], manifest: pa.Table,
+def write_shard(out_dir: Path | StorePath, name: str, members: list[tuple[str, bytes]], manifest: pa.Table,
                 meta: dict) -> dict:
-    """Write `<name>.tar` then `<name>.parquet` (the commit marker); returns the shard's summary."""
+    """Write `<name>.tar` then `<name>.parquet` (the commit marker, in an object store too); returns the shard's
+    summary."""
     data = tar_bytes(members)
     summary = {"shard": name, "pairs": manifest.num_rows, "bytes": len(data),
                "sha256": hashlib.sha256(data).hexdigest(), **meta}
-    atomic_write_bytes(Path(out_dir) / f"{name}.tar", data)
+    out = store_path(out_dir)
+    atomic_write_bytes(out / f"{name}.tar", data)
     table = manifest.replace_schema_metadata({b"x2edit": json.dumps(summary).encode()})
-    atomic_write_parquet(Path(out_dir) / f"{name}.parquet", table)
+    atomic_write_parquet(out / f"{name}.parquet", table)
     return summary
 
 
-def shard_summary(manifest_path: Path) -> dict:
-    meta = pq.read_schema(manifest_path).metadata or {}
+def shard_summary(manifest_path: Path | StorePath) -> dict:
+    meta = parquet_schema(store_path(manifest_path)).metadata or {}
     return json.loads(meta[b"x2edit"])
 
 
-def committed_shards(out_dir: Path, prefix: str) -> dict[str, dict]:
+def committed_shards(out_dir: Path | StorePath, prefix: str) -> dict[str, dict]:
     """Shards whose manifest exists, by name; a tar without its manifest is not part of the corpus."""
-    return {p.stem: shard_summary(p) for p in sorted(Path(out_dir).glob(f"{prefix}-*.parquet"))}
+    return {p.stem: shard_summary(p) for p in store_path(out_dir).glob(f"{prefix}-*.parquet")}
 
 
-def discard_orphan_tars(out_dir: Path, prefix: str) -> list[Path]:
-    orphans = [p for p in Path(out_dir).glob(f"{prefix}-*.tar") if not p.with_suffix(".parquet").exists()]
+def discard_orphan_tars(out_dir: Path | StorePath, prefix: str) -> list[StorePath]:
+    """Delete the tars a killed pack left without their manifest (one listing, also in an object store)."""
+    entries = store_path(out_dir).glob(f"{prefix}-*")
+    manifests = {p.stem for p in entries if p.suffix == ".parquet"}
+    orphans = [p for p in entries if p.suffix == ".tar" and p.stem not in manifests]
     for p in orphans:
         p.unlink()
     return orphans
 
 
-def iter_shard(path: Path) -> Iterator[dict]:
+def iter_shard(path: Path | StorePath) -> Iterator[dict]:
     """Samples of one corpus shard as {"__key__": key, "<field>": bytes}; members are adjacent by key."""
     sample: dict = {}
-    with tarfile.open(path, mode="r:") as tar:
+    with store_path(path).open() as f, tarfile.open(fileobj=f, mode="r:") as tar:
         for info in tar:
             key, _, field = info.name.partition(".")
             if sample and sample["__key__"] != key:
@@ -111,8 +116,8 @@ def iter_shard(path: Path) -> Iterator[dict]:
         yield sample
 
 
-def read_manifests(out_dir: Path, prefix: str) -> pa.Table:
-    paths = sorted(Path(out_dir).glob(f"{prefix}-*.parquet"))
+def read_manifests(out_dir: Path | StorePath, prefix: str) -> pa.Table:
+    paths = store_path(out_dir).glob(f"{prefix}-*.parquet")
     if not paths:
         return MANIFEST_SCHEMA.empty_table()
-    return pa.concat_tables([pq.read_table(p) for p in paths], promote_options="default")
+    return pa.concat_tables([read_parquet(p) for p in paths], promote_options="default")

@@ -17,16 +17,17 @@ from manifests.shards import decode_record
 def _ledger_row(run: Run, key: str) -> dict | None:
     if not run.ledger_path:
         return None
-    rows = pq.read_table(run.ledger_path, filters=(pc.field("pair_id") == key) | (pc.field("unit_id") == key))
+    rows = pq.read_table(run.ledger_path.open(), filters=(pc.field("pair_id") == key) | (pc.field("unit_id") == key))
     return rows.to_pylist()[0] if rows.num_rows else None
 
 
 def _manifest_row(run: Run, key: str, shard: str | None) -> dict | None:
     paths = [run.shards_dir / f"{shard}.parquet"] if shard else run.manifests()
     for path in paths:
-        if not path.exists():
-            raise RunError(f"the ledger puts {key!r} in shard {shard}, but {path} does not exist")
-        rows = pq.read_table(path, filters=pc.field("pair_id") == key)
+        try:
+            rows = pq.read_table(path.open(), filters=pc.field("pair_id") == key)
+        except FileNotFoundError:
+            raise RunError(f"the ledger puts {key!r} in shard {shard}, but {path} does not exist") from None
         if rows.num_rows:
             return rows.to_pylist()[0]
     return None

@@ -21,8 +21,6 @@ import tarfile
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
-from pathlib import Path
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -32,6 +30,7 @@ from manifests.fragments import COMPLETE_NAME, first_occurrences, plan_record, r
 from manifests.inspect import Run, list_shards, temp_files
 from manifests.ledger import ledger_plan
 from manifests.schema import ACCEPTED, STAGES, TERMINAL
+from manifests.storage import StorePath
 
 PARALLEL_FROM = 64  # shards; fewer are checked in this process (starting workers would cost more)
 MANIFEST_COLUMNS = ["pair_id", "shard", "task", "instruction_en", "instruction_zh", "members", "member_sha256"]
@@ -40,11 +39,8 @@ MANIFEST_COLUMNS = ["pair_id", "shard", "task", "instruction_en", "instruction_z
 def validate(run: Run, workers: int = 1) -> tuple[list[str], dict]:
     """(problems, counts); no problems means the corpus is intact. `workers` > 1 checks the shards in that
     many spawned processes (a main module then has to be import-safe, as the CLI's is)."""
-    problems: list[str] = []
-    for row in list_shards(run):
-        if row["state"].startswith("uncommitted"):
-            problems.append(f"{run.tar(row['shard'])}: tar without manifest (uncommitted; a pipeline rerun "
-                            "discards it)")
+    problems = [f"{run.tar(r['shard'])}: tar without manifest (uncommitted; a pipeline rerun discards it)"
+                for r in list_shards(run) if r["state"].startswith("uncommitted")]
     problems += [f"{p}: temporary file left by an interrupted writer" for p in temp_files(run)]
     paths = run.manifests()
     check = partial(_check_shard, run)
@@ -91,12 +87,11 @@ def _mask(n: int, indices: pa.Array) -> pa.Array:
 
 def _check_ledger(run: Run, owner: pa.Table, totals: Counter, problems: list[str]) -> dict:
     labels = ["status", "stage", "reason"]  # a few values each: dictionary-encoded, 4 B a row
-    table = pq.read_table(run.ledger_path, columns=["unit_id", "sample_id", *labels, "shard"], read_dictionary=labels)
     where = run.ledger_path
+    table = pq.read_table(where.open(), columns=["unit_id", "sample_id", *labels, "shard"], read_dictionary=labels)
     problems += _check_plan(run, table)
     if (first := first_occurrences(table["unit_id"])) is not None:
-        again = pc.filter(table["unit_id"], pc.invert(_mask(len(table), first)))
-        repeated = pc.unique(again)
+        repeated = pc.unique(pc.filter(table["unit_id"], pc.invert(_mask(len(table), first))))
         problems.append(f"{where}: {len(repeated)} units have more than one row (first: "
                         f"{pc.filter(table['unit_id'], pc.is_in(table['unit_id'], repeated))[0]})")
     status = table["status"]
@@ -123,8 +118,7 @@ def _check_ledger(run: Run, owner: pa.Table, totals: Counter, problems: list[str
             problems.append(f"{len(lacking)} pairs {label} (first: {pc.min(lacking).as_py()})")
     groups = table.group_by("status", use_threads=False).aggregate([("unit_id", "count", pc.CountOptions("all"))])
     counts = dict(zip(groups["status"].to_pylist(), groups["unit_id_count"].to_pylist()))
-    report = run.report_json()
-    if report is not None:
+    if (report := run.report_json()) is not None:
         claims = {"units": (report["units"], counts), "accepted": (report["accepted"], counts.get(ACCEPTED, 0)),
                   "shards.count": (report["shards"]["count"], len(run.manifests())),
                   "shards.pairs": (report["shards"]["pairs"], totals["pairs"]),
@@ -167,11 +161,11 @@ def _check_plan(run: Run, ledger: pa.Table) -> list[str]:
 
 # ------------------------------------------------------------------------------------------ one shard
 
-def _check_shard(run: Run, path: Path) -> tuple[list[str], dict, pa.Array]:
+def _check_shard(run: Run, path: StorePath) -> tuple[list[str], dict, pa.Array]:
     """(problems, counts, the shard's pair ids): its manifest, and its tar against it."""
     shard, problems = path.stem, []
     try:
-        file = pq.ParquetFile(path)
+        file = pq.ParquetFile(path.open())
         summary = json.loads((file.schema_arrow.metadata or {})[b"x2edit"])
         rows = file.read(columns=MANIFEST_COLUMNS).to_pylist()
     except (KeyError, ValueError, OSError, pa.ArrowException) as exc:
@@ -189,10 +183,11 @@ def _check_shard(run: Run, path: Path) -> tuple[list[str], dict, pa.Array]:
                             f"{len(r['member_sha256'])} checksums")
     keys = pa.array([r["pair_id"] for r in rows], pa.string())
     tar_path = run.tar(shard)
-    if not tar_path.exists():
+    try:
+        members, digest, size = _check_tar(run, shard, rows, problems)
+    except FileNotFoundError:
         problems.append(f"{path}: committed manifest without its tar {tar_path.name}")
         return problems, {"pairs": len(rows)}, keys
-    members, digest, size = _check_tar(run, shard, rows, problems)
     if size != summary.get("bytes") or digest != summary.get("sha256"):
         problems.append(f"{tar_path}: {size} bytes, sha256 {digest[:16]}…; its manifest recorded "
                         f"{summary.get('bytes')} bytes, sha256 {str(summary.get('sha256'))[:16]}…")
@@ -246,8 +241,8 @@ def _plain_members(f: _Hashing):
         yield name, data
 
 
-def _tarfile_members(path: Path):
-    with tarfile.open(path, mode="r:") as tar:
+def _tarfile_members(path: StorePath):
+    with path.open_walk() as f, tarfile.open(fileobj=f, mode="r:") as tar:
         for info in tar:
             yield info.name, tar.extractfile(info).read() if info.isfile() else b""
 
@@ -255,7 +250,7 @@ def _tarfile_members(path: Path):
 def _check_tar(run: Run, shard: str, rows: list[dict], problems: list[str]) -> tuple[int, str, int]:
     """Members of one tar against its manifest rows; returns (members read, the tar's sha256, its size)."""
     tar_path = run.tar(shard)
-    with open(tar_path, "rb") as f:
+    with tar_path.open_walk() as f:
         reader = _Hashing(f)
         found: list[str] = []
         try:
@@ -268,7 +263,7 @@ def _check_tar(run: Run, shard: str, rows: list[dict], problems: list[str]) -> t
     return seen, digest, size
 
 
-def _check_members(tar_path: Path, shard: str, rows: list[dict], members, problems: list[str],
+def _check_members(tar_path: StorePath, shard: str, rows: list[dict], members, problems: list[str],
                    found: list[str]) -> int:
     """Problems of the members against the manifest rows (appended to `found`, then `problems` once the
     walk is over, so a walk abandoned for tarfile's leaves none behind); returns how many were read."""
@@ -297,7 +292,7 @@ def _check_members(tar_path: Path, shard: str, rows: list[dict], members, proble
     return len(seen)
 
 
-def _json_disagreements(tar_path: Path, name: str, data: bytes, row: dict) -> list[str]:
+def _json_disagreements(tar_path: StorePath, name: str, data: bytes, row: dict) -> list[str]:
     try:
         record = json.loads(data)
     except ValueError as exc:

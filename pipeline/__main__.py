@@ -4,6 +4,7 @@
     python -m pipeline run --recipe R --stage source --run-dir D                  # one stage (e.g. a Ray job)
     ray job submit --working-dir . -- python -m pipeline run --recipe R --stage edit --run-dir D
     python -m pipeline refilter --run-dir D --recipe R2 --out D2                  # R2's policy, no model re-run
+    python -m pipeline run --recipe R --run-dir s3://bucket/runs/x                # a run dir in object storage
 
 Stages: source, instruct, edit, score, pack; each per-stage job starts only once the previous stage has
 finished. Rerunning on the same run dir resumes: committed work is skipped, uncommitted leftovers are
@@ -23,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the pipeline (fused) or one stage")
     run.add_argument("--recipe", required=True, help="recipe YAML path or shipped recipe name")
-    run.add_argument("--run-dir", required=True)
+    run.add_argument("--run-dir", required=True, help="a folder (shared by every node of a cluster) or an object "
+                                                      "store prefix, e.g. s3://bucket/runs/x (AWS_* from the env)")
     run.add_argument("--stage", choices=STAGES, help="run only this stage (default: all, fused)")
     run.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS if set, else a fresh embedded "
                                        "cluster on 127.0.0.1, whatever else runs on the machine)")

@@ -10,6 +10,9 @@ import sys
 import uuid
 from pathlib import Path
 
+from manifests.commit import atomic_write_bytes
+from manifests.storage import StorePath, store_path
+
 LOOPBACK = "127.0.0.1"
 # Ray binds its GCS server and raylets to the node's address, and resolves "127.0.0.1" to the primary
 # interface unless multi-node clusters are off (its Windows/macOS mode, a constant read at import). Off, the
@@ -26,7 +29,7 @@ def embedded_environment() -> None:
         constants.ENABLE_RAY_CLUSTER = False
 
 
-def connect(address: str | None = None, run_dir: Path | None = None) -> str:
+def connect(address: str | None = None, run_dir: Path | StorePath | None = None) -> str:
     """Connect this driver to Ray and say which cluster it uses; returns that line. Joining a cluster (not
     starting one here), the run dir must be the same folder on every node (`check_shared_run_dir`)."""
     # Local clusters run without auth; otherwise the first init writes a token that later breaks
@@ -69,7 +72,7 @@ class RunDirNotShared(RuntimeError):
 PROBE_PREFIX = ".x2edit-probe-"
 
 
-def check_shared_run_dir(run_dir: Path) -> None:
+def check_shared_run_dir(run_dir: Path | StorePath) -> None:
     """Every alive node must read the run dir the driver writes: stage actors on other nodes write their
     fragments there and the driver reads them back, so a folder only the driver's machine has would lose them
     (or leave them on each node's own disk). Checked honestly, not guessed from the path: the driver writes a
@@ -78,8 +81,8 @@ def check_shared_run_dir(run_dir: Path) -> None:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     token = uuid.uuid4().hex
-    probe = Path(run_dir) / f"{PROBE_PREFIX}{token}"
-    probe.write_text(token)
+    probe = store_path(run_dir) / f"{PROBE_PREFIX}{token}"
+    atomic_write_bytes(probe, token.encode())
     try:
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         read = ray.remote(num_cpus=0, max_retries=0)(_read_probe)
@@ -92,12 +95,13 @@ def check_shared_run_dir(run_dir: Path) -> None:
         raise RunDirNotShared(
             f"--run-dir {run_dir} is not visible from {len(blind)} of the cluster's {len(nodes)} nodes "
             f"({', '.join(blind)}): stage actors there could not write their output where this driver reads it. "
-            "Use a folder every node mounts at the same path (a shared filesystem such as NFS), or run the "
-            "driver on a node that shares it")
+            "Use a folder every node mounts at the same path (a shared filesystem such as NFS), an object store "
+            "every node can reach (s3://bucket/prefix, with its credentials on every node), or run the driver "
+            "on a node that shares it")
 
 
 def _read_probe(path: str) -> str | None:
     try:
-        return Path(path).read_text()
-    except OSError:  # not there on this node: the answer the driver needs, not an error of the task
+        return store_path(path).read_text()
+    except OSError:  # not there on this node (or no access to its store): the answer the driver needs
         return None

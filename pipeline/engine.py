@@ -8,10 +8,8 @@ that it finished the whole plan. Either way the pack stage reads `stages/score`.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray.data
 from ray.data import ActorPoolStrategy
 
@@ -19,14 +17,14 @@ from tqdm import tqdm
 
 from manifests.commit import atomic_write_bytes, discard_uncommitted
 from manifests.fragments import done_ids, list_fragments, read_units, write_fragment
-from manifests.ledger import build_ledger
 from manifests.schema import COLUMNS, ROW_STAGES
 from manifests.shards import committed_shards, discard_orphan_tars
+from manifests.storage import StorePath, read_parquet, store_path
 from pipeline.stage_state import finish, previous_stage, stage_dir
 from stages.base import Resources, StageContext, StageGroup
 from stages.edit import EditStage
 from stages.instruct import InstructStage, window_weights
-from stages.pack import PACK_READS, PackStage, plan_shards
+from stages.pack import PLAN_COLUMNS, PackStage, plan_shards
 from stages.score import ScoreStage
 from stages.source import POSITION_STRIDE, SourceStage, plan_units
 
@@ -51,11 +49,11 @@ def apply_stage(ds: ray.data.Dataset, cls, cfg, ctx: StageContext, res: Resource
 
 
 def commit_fragments(batch: pa.Table, directory: str) -> pa.Table:
-    path = write_fragment(Path(directory), batch)
+    path = write_fragment(store_path(directory), batch)
     return pa.table({"fragment": [path.name], "rows": [batch.num_rows]})
 
 
-def sink(ds: ray.data.Dataset, out: Path, rows: int) -> int:
+def sink(ds: ray.data.Dataset, out: StorePath, rows: int) -> int:
     out.mkdir(parents=True, exist_ok=True)
     written = ds.map_batches(commit_fragments, fn_kwargs={"directory": str(out)}, batch_size=rows,
                              batch_format="pyarrow", num_cpus=0.25)
@@ -68,7 +66,7 @@ def source_dataset(recipe, ctx: StageContext, done: set[str], units: list[dict])
                        skip=frozenset(done))
 
 
-def run_fused(recipe, ctx: StageContext, run_dir: Path) -> int:
+def run_fused(recipe, ctx: StageContext, run_dir: StorePath) -> int:
     """source → instruct → edit → score streamed as one job (open loop), or one job per window of input units
     (closed-loop balancing: each window's task weights come from the committed outcomes of the earlier
     windows); returns the rows committed by this invocation."""
@@ -89,7 +87,7 @@ def run_fused(recipe, ctx: StageContext, run_dir: Path) -> int:
                         "weights": {t: round(w, 4) for t, w in sorted(weights.items())},
                         "yield_estimates": {t: round(y, 4) for t, y in sorted(yields.items())}})
             written += _chain(recipe, ctx, out, window, weights)
-        atomic_write_bytes(Path(run_dir) / BALANCE_FILE, json.dumps(log, indent=1).encode())
+        atomic_write_bytes(run_dir / BALANCE_FILE, json.dumps(log, indent=1).encode())
     finish(run_dir, "score")  # the chain ran to its end over the whole input
     return written
 
@@ -99,19 +97,19 @@ class ScoredRows:
     fragment read once however many windows ask. The earlier windows are all committed before a window starts,
     so a resumed run computes the same weights."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: StorePath):
         self.directory, self.read, self.rows = directory, set(), {}
 
     def refresh(self) -> list[dict]:
         for path in list_fragments(self.directory):
             if path.name not in self.read:
                 self.read.add(path.name)
-                for row in pq.read_table(path, columns=["unit_id", "task", "status", "position"]).to_pylist():
+                for row in read_parquet(path, ["unit_id", "task", "status", "position"]).to_pylist():
                     self.rows.setdefault(row["unit_id"], row)
         return list(self.rows.values())
 
 
-def _chain(recipe, ctx: StageContext, out: Path, units: list[dict], weights: dict | None) -> int:
+def _chain(recipe, ctx: StageContext, out: StorePath, units: list[dict], weights: dict | None) -> int:
     ds = source_dataset(recipe, ctx, done_ids(out), units)
     together = recipe.resources.colocate
     extra = {"instruct": {"weights": weights}}  # the window's task weights (closed loop)
@@ -131,12 +129,11 @@ def load_fragment_rows(batch: pa.Table) -> pa.Table:
     """Read the kept units of one fragment (the row lists come from the driver's dedup)."""
     tables = []
     for path, units in zip(batch.column("path").to_pylist(), batch.column("units").to_pylist()):
-        table = pq.read_table(path, filters=[("unit_id", "in", units)], columns=list(COLUMNS))
-        tables.append(table)
+        tables.append(read_parquet(store_path(path), list(COLUMNS), filters=[("unit_id", "in", units)]))
     return pa.concat_tables(tables)
 
 
-def run_stage(recipe, ctx: StageContext, run_dir: Path, stage: str) -> int:
+def run_stage(recipe, ctx: StageContext, run_dir: StorePath, stage: str) -> int:
     """One stage as its own job: previous stage's committed rows in, this stage's fragments out."""
     out = stage_dir(run_dir, stage)
     done = done_ids(out)
@@ -162,10 +159,11 @@ def run_stage(recipe, ctx: StageContext, run_dir: Path, stage: str) -> int:
     return written
 
 
-def run_pack(recipe, ctx: StageContext, run_dir: Path) -> tuple[pa.Table, list[dict]]:
-    """Plan the shards, write the ones not yet committed, then the ledger's rows; returns (ledger, shards)."""
-    rows_dir, out = stage_dir(run_dir, "score"), Path(run_dir) / "shards"
-    rows = read_units(rows_dir, columns=PACK_READS)
+def run_pack(recipe, ctx: StageContext, run_dir: StorePath) -> tuple[pa.Table, pa.Array, list[dict]]:
+    """Plan the shards and write the ones not yet committed; returns the score stage's units (read_units, the
+    plan's columns), the shard of each (null for those that ended) and the committed shards' summaries."""
+    rows_dir, out = stage_dir(run_dir, "score"), run_dir / "shards"
+    rows = read_units(rows_dir, columns=list(PLAN_COLUMNS))
     plan = plan_shards(rows, recipe.pack)
     out.mkdir(parents=True, exist_ok=True)
     discard_uncommitted(out)
@@ -186,4 +184,4 @@ def run_pack(recipe, ctx: StageContext, run_dir: Path) -> tuple[pa.Table, list[d
         for _ in tqdm(ds.iter_rows(), total=todo, desc="pack: shards", unit="shard"):
             pass
     shards = list(committed_shards(out, recipe.pack.prefix).values())
-    return build_ledger(rows, plan.shard_column(rows.num_rows)), shards
+    return rows, plan.shard_column(rows.num_rows), shards

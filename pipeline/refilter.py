@@ -17,22 +17,20 @@ say what changed: pairs added and removed per task and reason.
 from __future__ import annotations
 
 import json
-import shutil
 import time
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from filters.policy import rules_for
 from manifests.commit import atomic_write_bytes
 from manifests.fragments import fragment_path, list_fragments, read_completion, read_units, write_fragment
 from manifests.schema import LIVE, REJECTED, ROW_SCHEMA
+from manifests.storage import StorePath, read_parquet, store_path
 from pipeline.cluster import connect
 from pipeline.recipe import Recipe, RecipeError, load_recipe, resolve_path
-from pipeline.run import RECIPE_FILE, local_run_dir, pack_corpus, prepare_run_dir
+from pipeline.run import RECIPE_FILE, open_run_dir, pack_corpus, prepare_run_dir
 from pipeline.stage_state import finish, stage_dir
 from stages.base import StageContext
 from stages.score import ABSENT_KEY, SCORERS, ScoreStage, policy_verdict
@@ -42,7 +40,7 @@ DIFF_JSON, DIFF_MD = "refilter.json", "refilter.md"
 
 def refilter(run_dir: str, recipe_spec: str, out_dir: str, address: str | None = None) -> dict:
     """Write the re-filtered corpus into out_dir; returns the diff against the finished run."""
-    source, out = local_run_dir(run_dir), local_run_dir(out_dir, "--out")
+    source, out = open_run_dir(run_dir), open_run_dir(out_dir, "--out")
     recipe = _merged_recipe(source, recipe_spec, out)
     _check_scores(source, recipe)
     prepare_run_dir(recipe, out)
@@ -50,7 +48,7 @@ def refilter(run_dir: str, recipe_spec: str, out_dir: str, address: str | None =
     connect(address, out)
     _redecide(source, out, recipe)
     if (balance := source / "balance.json").exists():  # the instruct stage's windows, unchanged by a policy
-        shutil.copyfile(balance, out / balance.name)
+        atomic_write_bytes(out / balance.name, balance.read_bytes())
     ctx = StageContext(seed=recipe.seed, recipe_hash=recipe.hash(), run_dir=str(out))
     pack_corpus(recipe, ctx, out, "refilter", start)
     diff = ledger_diff(source, out, recipe_spec)
@@ -60,7 +58,7 @@ def refilter(run_dir: str, recipe_spec: str, out_dir: str, address: str | None =
     return diff
 
 
-def _merged_recipe(source: Path, recipe_spec: str, out: Path) -> Recipe:
+def _merged_recipe(source: StorePath, recipe_spec: str, out: StorePath) -> Recipe:
     """The finished run's recipe with the other recipe's rules: what the new corpus was made with."""
     recorded = source / RECIPE_FILE
     if not recorded.exists() or not read_completion(stage_dir(source, "score")):
@@ -78,13 +76,13 @@ def _merged_recipe(source: Path, recipe_spec: str, out: Path) -> Recipe:
     return original.model_copy(update={"score": score, "resources": other.resources})
 
 
-def _check_scores(source: Path, recipe: Recipe) -> None:
+def _check_scores(source: StorePath, recipe: Recipe) -> None:
     """Refuse a policy that reads a score no row of the run has and no scorer of the run writes."""
     needed = {s for rule in [*recipe.score.rules, *(r for rs in recipe.score.per_task.values() for r in rs)]
               for s in rule.scores}
     computed = {name for cfg in recipe.score.scorers.values() for name in SCORERS[cfg.backend].names}
     for path in list_fragments(stage_dir(source, "score")) if needed - computed else []:  # rows only if need be
-        scores = pq.ParquetFile(path).read(columns=["scores"], use_threads=False)["scores"]
+        scores = read_parquet(path, ["scores"])["scores"]
         for text in pc.unique(scores).to_pylist():
             computed.update(json.loads(text or "{}"))
     if missing := sorted(needed - computed):
@@ -97,7 +95,7 @@ MIN_GROUPS = 16  # fewer fragments per group rather than fewer tasks than a few 
 IMAGES = ("src", "edited", "mask", "thumb")  # carried over as they are: no policy looks at pixels
 
 
-def _redecide(source: Path, out: Path, recipe: Recipe) -> None:
+def _redecide(source: StorePath, out: StorePath, recipe: Recipe) -> None:
     """The committed score-stage fragments, re-decided as Ray tasks, a group of fragments into one fragment
     (named by its units, so a killed refilter resumes at the groups not yet committed)."""
     import ray.data
@@ -117,15 +115,15 @@ def _redecide(source: Path, out: Path, recipe: Recipe) -> None:
 def redecide_group(batch: pa.Table, out: str, recipe: Recipe) -> pa.Table:
     """One group of fragments (a row of `batch`) re-decided into one fragment, unless it is committed."""
     paths = batch.column("paths")[0].as_py()
-    table = pa.concat_tables(pq.ParquetFile(p).read(use_threads=False) for p in paths)  # read_table: 3 ms more
-    if not fragment_path(Path(out), table["unit_id"].to_pylist()).exists():
+    table = pa.concat_tables(read_parquet(store_path(p)) for p in paths)
+    if not fragment_path(store_path(out), table["unit_id"].to_pylist()).exists():
         rows = table.drop_columns(list(IMAGES)).to_pylist()
         kept = pc.is_valid(table["src"]).to_pylist()
         decided = [redecide(row, recipe, images) for row, images in zip(rows, kept)]
         light = pa.Table.from_pylist(decided, schema=_light_schema())
         for name in IMAGES:
             light = light.append_column(name, table.column(name))
-        write_fragment(Path(out), light.select(ROW_SCHEMA.names))
+        write_fragment(store_path(out), light.select(ROW_SCHEMA.names))
     return pa.table({"fragments": [len(paths)]})
 
 
@@ -145,9 +143,9 @@ def redecide(row: dict, recipe: Recipe, images: bool) -> dict:
     return policy_verdict(reopened, rules_for(row["task"], recipe.score.rules, recipe.score.per_task), absent)
 
 
-def ledger_diff(before_dir: Path, after_dir: Path, recipe_spec: str) -> dict:
+def ledger_diff(before_dir: StorePath, after_dir: StorePath, recipe_spec: str) -> dict:
     """Pairs accepted in one corpus and not the other, per task and the reason of the side that rejected."""
-    def decisions(run: Path) -> pa.Table:
+    def decisions(run: StorePath) -> pa.Table:
         """From the committed score-stage rows, which the ledger is built from (a live row is accepted)."""
         t = read_units(stage_dir(run, "score"), columns=["unit_id", "status", "task", "reason"])
         return t.select(["unit_id", "task", "reason"]).append_column("accepted", pc.equal(t["status"], LIVE))

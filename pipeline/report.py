@@ -3,14 +3,19 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from pathlib import Path
 
 import pyarrow as pa
 
 from manifests.commit import atomic_write_bytes
 from manifests.inspect import funnel
 from manifests.schema import ACCEPTED, ROW_STAGES
+from manifests.storage import StorePath
 from manifests.taxonomy import TASKS
+
+
+# what build_report reads of the ledger (funnel's columns included): not its text, read back from its file
+REPORT_COLUMNS = ("sample_id", "pair_id", "status", "stage", "reason", "task", "warnings",
+                  *(f"t_{s}" for s in ROW_STAGES))
 
 
 def build_report(recipe, ledger: pa.Table, shards: list[dict], covered: frozenset[str],
@@ -77,8 +82,8 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(run_dir: Path, report: dict) -> str:
+def write_report(run_dir: StorePath, report: dict) -> str:
     text = render_markdown(report)
-    atomic_write_bytes(Path(run_dir) / "report.json", json.dumps(report, indent=2, ensure_ascii=False).encode())
-    atomic_write_bytes(Path(run_dir) / "report.md", text.encode())
+    atomic_write_bytes(run_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False).encode())
+    atomic_write_bytes(run_dir / "report.md", text.encode())
     return text

@@ -10,12 +10,13 @@ import yaml
 from manifests.commit import atomic_write_bytes, discard_uncommitted
 from manifests.fragments import list_fragments
 from manifests.html_report import write_html_report
-from manifests.ledger import write_ledger
+from manifests.ledger import read_ledger, write_ledger
 from manifests.schema import STAGES
+from manifests.storage import StorePath, store_path
 from pipeline.cluster import connect
 from pipeline.recipe import Recipe, RecipeError, load_recipe, resolve_path
-from pipeline.report import build_report, write_report
-from pipeline.stage_state import check_ready, completion_records
+from pipeline.report import REPORT_COLUMNS, build_report, write_report
+from pipeline.stage_state import check_ready, completion_records, stage_dir
 from stages.base import StageContext
 from stages.instruct import target_shares, task_weights
 from stages.source import plan_units
@@ -24,8 +25,11 @@ RECIPE_FILE = "recipe.json"
 WALLS_FILE = "invocations.json"
 
 
-def prepare_run_dir(recipe: Recipe, run_dir: Path) -> None:
-    """Record the resolved recipe and its hash; refuse to mix the output of two recipes in one run dir."""
+def prepare_run_dir(recipe: Recipe, run_dir: Path | StorePath) -> None:
+    """Record the resolved recipe and its hash; refuse to mix the output of two recipes in one run dir.
+    Leftovers of killed writers are discarded: temporary files on a filesystem, tars without their manifest
+    (in the pack), and nothing in an object store, where an upload a kill cut short leaves no object."""
+    run_dir = store_path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     recorded = run_dir / RECIPE_FILE
     if recorded.exists():
@@ -46,7 +50,7 @@ def prepare_run_dir(recipe: Recipe, run_dir: Path) -> None:
             print(f"[x2edit] resuming: stage {stage} has {len(committed)} committed fragments")
 
 
-def _log_invocation(run_dir: Path, what: str, wall: float) -> list[dict]:
+def _log_invocation(run_dir: StorePath, what: str, wall: float) -> list[dict]:
     path = run_dir / WALLS_FILE
     walls = json.loads(path.read_text()) if path.exists() else []
     walls.append({"what": what, "wall_s": round(wall, 3), "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
@@ -63,18 +67,22 @@ def check_inputs(recipe: Recipe, recipe_spec: str) -> None:
         raise RecipeError(f"{resolve_path(recipe_spec)}: input.paths: {e}") from None
 
 
-def local_run_dir(run_dir: str, option: str = "--run-dir") -> Path:
-    """The run dir as a local (or shared-filesystem) path. A URL is refused rather than taken for a relative
-    folder named `s3:`: the commit protocol renames files, which object stores cannot do atomically."""
-    if "://" in str(run_dir):
-        raise RecipeError(f"{option} {run_dir}: object storage is not supported yet; give a path on a local or "
-                          "shared filesystem (mounted at the same path on every node)")
-    return Path(run_dir).resolve()
+def open_run_dir(run_dir: str, option: str = "--run-dir") -> StorePath:
+    """The run dir: a local or shared-filesystem path, or an object-store URL (manifests/storage.py)."""
+    try:
+        root = store_path(run_dir)
+        bucket = root.bucket()
+        if bucket is None or bucket.exists():
+            return root
+    except (ValueError, OSError) as e:
+        raise RecipeError(f"{option} {run_dir}: cannot open it ({e})") from None
+    raise RecipeError(f"{option} {run_dir}: bucket {bucket.path!r} does not exist at the endpoint this process "
+                      "uses (AWS_ENDPOINT_URL or the store's default); create it first")
 
 
 def run(recipe_spec: str, run_dir: str, stage: str | None = None, address: str | None = None) -> dict | None:
     """The fused run (stage None) or one stage; returns the run report once the corpus is packed."""
-    root = local_run_dir(run_dir)
+    root = open_run_dir(run_dir)
     recipe = load_recipe(recipe_spec)
     if stage == "instruct" and recipe.instruct.balance.mode == "closed_loop":
         raise RecipeError(f"{resolve_path(recipe_spec)}: instruct.balance.mode: closed_loop needs the fused run "
@@ -101,13 +109,14 @@ def run(recipe_spec: str, run_dir: str, stage: str | None = None, address: str |
     return pack_corpus(recipe, ctx, root, stage or "fused", start)
 
 
-def pack_corpus(recipe: Recipe, ctx: StageContext, root: Path, what: str, start: float) -> dict:
+def pack_corpus(recipe: Recipe, ctx: StageContext, root: StorePath, what: str, start: float) -> dict:
     """Pack the committed score-stage rows into shards, then the ledger and the reports (a run's last step,
     and the whole of a refilter's Ray work)."""
     from pipeline import engine
 
-    ledger, shards = engine.run_pack(recipe, ctx, root)
-    write_ledger(root, ledger, completion_records(root))
+    units, shard_of, shards = engine.run_pack(recipe, ctx, root)
+    write_ledger(root, stage_dir(root, "score"), units, shard_of, completion_records(root))
+    ledger = read_ledger(root, list(REPORT_COLUMNS))
     walls = _log_invocation(root, what, time.perf_counter() - start)
     covered = frozenset(recipe.edit.routes())
     balance = root / engine.BALANCE_FILE

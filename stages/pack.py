@@ -14,7 +14,6 @@ import json
 import struct
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -25,10 +24,10 @@ from pydantic import Field
 
 from manifests.config import Strict
 from manifests.images import encode_mask, sha256_hex
-from manifests.ledger import LEDGER_COLUMNS
 from manifests.mix import smooth_wrr
 from manifests.schema import LIVE, stable_hash
 from manifests.shards import MANIFEST_SCHEMA, shard_name, write_shard
+from manifests.storage import StorePath, store_path
 from manifests.taxonomy import task_by_name
 from stages.base import Stage
 
@@ -39,7 +38,6 @@ class PackConfig(Strict):
 
 
 PLAN_COLUMNS = ("unit_id", "status", "task", "position")  # what plan_shards reads of the rows (+ read_units')
-PACK_READS = list(dict.fromkeys([*LEDGER_COLUMNS, *PLAN_COLUMNS]))  # the run_pack driver's: the plan's, the ledger's
 WINDOW_PAIRS = 4096  # pairs read and interleaved together: the pack's unit of locality (see plan_shards)
 
 
@@ -146,8 +144,8 @@ class RowReader:
     but not yet written (a few row groups when the rows lie in input order, the job's window at worst).
     `bytes_read` counts the file bytes it read (footers included)."""
 
-    def __init__(self, rows_dir: Path, fragments: list[str], rows: list[int]):
-        self.rows_dir = rows_dir
+    def __init__(self, rows_dir: StorePath | str, fragments: list[str], rows: list[int]):
+        self.rows_dir = store_path(rows_dir)
         self.wanted: dict[str, list[int]] = defaultdict(list)
         for frag, row in zip(fragments, rows):
             self.wanted[frag].append(row)
@@ -161,16 +159,14 @@ class RowReader:
         return self.pending.pop((frag, row))
 
     def _open(self, frag: str) -> tuple[pq.ParquetFile, np.ndarray, set[int]]:
-        path = self.rows_dir / frag
-        with open(path, "rb") as f:  # the footer alone (pyarrow would read the file's last 64 kB for it)
-            f.seek(-8, io.SEEK_END)
-            length = struct.unpack("<I", f.read(4))[0]
-            f.seek(-8 - length, io.SEEK_END)
-            meta = pq.read_metadata(pa.BufferReader(f.read(length + 8)))
+        file = (self.rows_dir / frag).open()  # kept open while row groups are due; one request per read remotely
+        size = file.size()  # the footer alone (pyarrow would read the file's last 64 kB for it)
+        length = struct.unpack("<I", file.read_at(4, size - 8))[0]
+        meta = pq.read_metadata(pa.BufferReader(file.read_at(length + 8, size - 8 - length)))
         self.bytes_read += length + 16
         starts = np.cumsum([0, *(meta.row_group(g).num_rows for g in range(meta.num_row_groups))])
         due = set((np.searchsorted(starts, self.wanted[frag], side="right") - 1).tolist())
-        return pq.ParquetFile(path, metadata=meta), starts, due
+        return pq.ParquetFile(file, metadata=meta), starts, due
 
     def _read(self, frag: str, row: int) -> None:
         if frag not in self.open:
@@ -183,6 +179,7 @@ class RowReader:
         due.discard(group)
         if not due:  # every row group of the job's rows in this fragment is read: let the file go
             del self.open[frag]
+            file.close(force=True)  # we opened its source
         wanted = [r for r in self.wanted[frag] if starts[group] <= r < starts[group + 1]]
         picked = table.take(pa.array([r - starts[group] for r in wanted], pa.int64())).to_pylist()
         self.pending.update({(frag, r): p for r, p in zip(wanted, picked)})
@@ -195,7 +192,7 @@ class PackStage(Stage):
 
     def __init__(self, cfg: PackConfig, ctx, rows_dir: str, out_dir: str):
         super().__init__(cfg, ctx)
-        self.rows_dir, self.out_dir = Path(rows_dir), Path(out_dir)
+        self.rows_dir, self.out_dir = store_path(rows_dir), store_path(out_dir)
         self._masks: dict[tuple[int, int], bytes] = {}
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -21,6 +21,10 @@ os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 # Ray import, since Ray reads it into a constant.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
+from tests.s3_server import s3_server, set_environment  # noqa: E402  (the fixture, for every test module)
+
+set_environment()  # before the cluster starts: its workers read the test S3 server like a node reads its store
+
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 

@@ -1,5 +1,6 @@
 """Multi-node Ray on this one machine (tests/multinode_scenario.py, in its own process): a worker node lost in the
-middle of a run changes nothing in the corpus, and a run dir the nodes cannot see is refused before any work."""
+middle of a run whose run dir is in an object store (an S3 server on loopback) changes nothing in the corpus, and
+a run dir the nodes cannot see is refused before any work."""
 from __future__ import annotations
 
 import json
@@ -11,12 +12,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.s3_server import new_bucket
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_losing_a_worker_node_mid_run_gives_the_uninterrupted_corpus(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "multinode_scenario.py"), str(tmp_path)],
+def test_losing_a_worker_node_mid_run_gives_the_uninterrupted_corpus(tmp_path, s3_server):
+    lossy = f"s3://{new_bucket()}/lossy"  # the reference run's dir is local: the corpus must not depend on the store
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "multinode_scenario.py"), str(tmp_path), lossy],
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])

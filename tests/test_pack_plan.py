@@ -13,13 +13,15 @@ import pytest
 
 from bench.scale import synthesise
 from manifests.fragments import fragment_path, list_fragments, read_units, write_fragment
-from manifests.ledger import build_ledger
+from manifests import fragments
+from manifests import ledger as ledger_module
+from manifests.ledger import LEDGER_NAME, build_ledger, ledger_plan, read_ledger, write_ledger
 from manifests.schema import ACCEPTED, LIVE, ROW_SCHEMA
 from manifests.shards import iter_shard
 from pipeline.stage_state import stage_dir
 from stages import pack
 from stages.base import StageContext
-from stages.pack import PACK_READS, PackConfig, PackStage, RowReader, plan_shards
+from stages.pack import PLAN_COLUMNS, PackConfig, PackStage, RowReader, plan_shards
 
 CFG = PackConfig(prefix="t", shard_size=10)
 
@@ -34,7 +36,7 @@ def run(tmp_path_factory):
 
 def _plan(run_dir, monkeypatch):
     monkeypatch.setattr(pack, "WINDOW_PAIRS", 300)  # 30 shards a window: a small run has several
-    return plan_shards(read_units(stage_dir(run_dir, "score"), columns=PACK_READS), CFG)
+    return plan_shards(read_units(stage_dir(run_dir, "score"), columns=list(PLAN_COLUMNS)), CFG)
 
 
 def _shards(plan) -> list[tuple[str, str, list[str]]]:
@@ -90,7 +92,7 @@ def test_packing_reads_each_row_group_about_once(run, tmp_path, monkeypatch):
         reader = RowReader(rows_dir, job["_fragment"], job["_row"])
         stage.write_job(job, reader)
         read += reader.bytes_read
-    committed = sum(p.stat().st_size for p in list_fragments(rows_dir))
+    committed = sum(p.size() for p in list_fragments(rows_dir))
     groups = sum(pq.read_metadata(p).num_row_groups for p in list_fragments(rows_dir))
     assert read <= 1.25 * committed  # the old plan read each fragment once per shard that took a row of it
     assert len(reads) <= 1.25 * groups
@@ -126,11 +128,11 @@ def test_fragments_of_one_row_group_still_pack(run, tmp_path):
     table = pq.read_table(list_fragments(stage_dir(run, "score"))[0])
     path = fragment_path(tmp_path, table["unit_id"].to_pylist())
     pq.write_table(table, path, compression="zstd")  # the layout before fragments had row groups
-    plan = plan_shards(read_units(tmp_path, columns=PACK_READS), CFG)
+    plan = plan_shards(read_units(tmp_path, columns=list(PLAN_COLUMNS)), CFG)
     where = [plan.order[c].to_pylist() for c in ("_fragment", "_row")]
     reader = RowReader(tmp_path, *where)
     assert [reader.take(f, r)["unit_id"] for f, r in zip(*where)] == plan.order["unit_id"].to_pylist()
-    assert reader.bytes_read <= path.stat().st_size + 8 and not reader.pending  # its last 8 bytes read twice
+    assert reader.bytes_read <= path.size() + 8 and not reader.pending  # its last 8 bytes read twice
 
 
 def test_read_units_keeps_the_first_copy_and_where_it_lies(tmp_path):
@@ -148,13 +150,19 @@ def test_read_units_keeps_the_first_copy_and_where_it_lies(tmp_path):
         assert pq.read_table(tmp_path / frag)["unit_id"][row].as_py() == unit
 
 
-def test_the_ledger_accepts_planned_rows_into_their_shards(run, monkeypatch):
-    rows = read_units(stage_dir(run, "score"), columns=PACK_READS)
+def test_the_ledger_accepts_planned_rows_into_their_shards(run, monkeypatch, tmp_path):
+    rows = read_units(stage_dir(run, "score"), columns=list(PLAN_COLUMNS))
     plan = _plan(run, monkeypatch)
-    ledger = build_ledger(rows, plan.shard_column(rows.num_rows))
+    monkeypatch.setattr(fragments, "COMBINE_FRAGMENTS", 3)  # several groups of fragments, streamed one by one
+    monkeypatch.setattr(ledger_module, "COMBINE_FRAGMENTS", 3)
+    write_ledger(tmp_path, stage_dir(run, "score"), rows, plan.shard_column(rows.num_rows), {"score": {"units": 1}})
+    ledger = read_ledger(tmp_path)
+    whole = read_units(stage_dir(run, "score"))  # the naive way: every column of every unit in memory at once
+    assert ledger.equals(build_ledger(whole, plan.shard_column(whole.num_rows)).cast(ledger.schema))
+    assert ledger_plan(tmp_path / LEDGER_NAME) == {"score": {"units": 1}}
     names = [plan.shards[i]["shard"] for i in plan.order["shard"].to_pylist()]
     shard_of = dict(zip(plan.order["unit_id"].to_pylist(), names))
     for unit, status, shard in zip(*(ledger[c].to_pylist() for c in ("unit_id", "status", "shard"))):
         assert (status == ACCEPTED) == (unit in shard_of) and shard == shard_of.get(unit)
     with pytest.raises(ValueError, match="live units have no shard"):
-        build_ledger(rows, pa.nulls(rows.num_rows, pa.string()))
+        build_ledger(whole, pa.nulls(whole.num_rows, pa.string()))

@@ -3,6 +3,7 @@ name), images carried over untouched, and the thumbnail of a pair it rejects mad
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -27,9 +28,9 @@ def test_a_group_is_redecided_into_one_fragment_with_its_images(tmp_path):
     redecide_group(batch, str(out), recipe)
     written = list_fragments(out)
     assert len(written) == 1
-    mtime = written[0].stat().st_mtime_ns
+    mtime = Path(written[0]).stat().st_mtime_ns
     redecide_group(batch, str(out), recipe)  # a resumed refilter: the group is committed already
-    assert list_fragments(out) == written and written[0].stat().st_mtime_ns == mtime
+    assert list_fragments(out) == written and Path(written[0]).stat().st_mtime_ns == mtime
 
     before = read_units(stage_dir(tmp_path / "run", "score"))
     after = read_units(out)

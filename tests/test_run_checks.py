@@ -83,9 +83,10 @@ def test_the_report_target_is_the_requested_share_not_the_attempt_weight():
     assert per_task["background_change"]["attempt_share"] == round(weights["background_change"] / sum(weights.values()), 4)
 
 
-def test_an_object_store_run_dir_is_refused_not_written_to_a_folder_named_after_it(tmp_path):
+def test_a_run_dir_in_a_missing_bucket_is_refused_in_one_line_and_nothing_is_written_locally(tmp_path, s3_server):
     done = subprocess.run([sys.executable, "-m", "pipeline", "run", "--recipe", "default-cpu", "--run-dir",
-                           "s3://bucket/run"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                           "s3://no-such-bucket/run"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                           env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": str(ROOT)})
-    assert done.returncode == 2 and "object storage is not supported yet" in done.stderr, done.stderr
-    assert list(tmp_path.iterdir()) == []  # no ./s3:/bucket/run
+    assert done.returncode == 2 and "bucket 'no-such-bucket' does not exist" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []  # no ./s3:/no-such-bucket/run

@@ -20,7 +20,7 @@ from manifests.shards import iter_shard, shard_summary
 from manifests.validate import validate
 from pipeline.stage_state import stage_dir
 from stages.base import StageContext
-from stages.pack import PACK_READS, PackConfig, PackStage, plan_shards
+from stages.pack import PLAN_COLUMNS, PackConfig, PackStage, plan_shards
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def corpus(tmp_path_factory):
     stage = PackStage(cfg, StageContext(seed=0, recipe_hash="test", run_dir=str(root)), str(rows_dir),
                       str(root / "shards"))
     (root / "shards").mkdir()
-    for job in plan_shards(read_units(rows_dir, columns=PACK_READS), cfg).jobs(skip=set()):
+    for job in plan_shards(read_units(rows_dir, columns=list(PLAN_COLUMNS)), cfg).jobs(skip=set()):
         stage.write_job(job)
     (root / EXPORT_FILE).write_text(json.dumps({"prefix": "v"}))
     return root

@@ -8,7 +8,8 @@ Two layouts are read:
     `verify_keys` accepts), target `2.jpg` (or `.2.jpg`), json with `task`/`label` in Chinese or English
     and `instruction`/`instruction_en`/`instruction_zh`; labels map through the one taxonomy.
 Images are resized and centre-cropped to an aspect bucket: 512² at 512 px, the reference's 13 ~1 MP
-buckets at 1024 px.
+buckets at 1024 px. Shards are local files or objects (`s3://bucket/run/shards/x2edit-*.tar`: a wildcard in the
+last path component only; endpoint and credentials from the environment), read through manifests/storage.py.
 
 Shards are untrusted input, read as the pipeline reads its own: images only through the decoders of the
 format allow-list, under a pixel limit (manifests/images.py). A pair whose json does not parse or whose image
@@ -19,7 +20,6 @@ every process) and counted in the batch (`skipped`), which the training log reco
 from __future__ import annotations
 
 import glob
-import io
 import json
 import tarfile
 from collections import Counter
@@ -31,6 +31,7 @@ from PIL import Image
 from manifests.buckets import nearest_bucket
 from manifests.images import decode_image, header_size
 from manifests.rejected import Rejected
+from manifests.storage import store_path
 from manifests.taxonomy import task_for_label
 
 SOURCE_FIELDS = ("src.jpg", "1.0.jpg", ".1.0.jpg", ".1.jpg", "1.jpg")
@@ -40,7 +41,7 @@ MAX_PIXELS = 1 << 26  # 64 MP: far above the 1 MP training buckets, far below a 
 
 @dataclass(frozen=True)
 class PairRef:
-    shard: str
+    shard: str  # a path or a URL
     key: str
     task_id: int
     instruction_en: str
@@ -69,62 +70,79 @@ def pair_record(meta: dict) -> tuple[int, str, str]:
     return task, en, zh
 
 
+def expand(pattern: str) -> list[str]:
+    """The shards a pattern names: `glob` for local paths; for a URL, the objects whose name matches its last
+    component (one listing: an object store has no folders to walk)."""
+    if "://" not in pattern:
+        return glob.glob(pattern)
+    folder, _, name = pattern.rpartition("/")
+    return [str(p) for p in store_path(folder).glob(name)]
+
+
 def index_shards(patterns: list[str], skipped: Counter | None = None) -> list[PairRef]:
     """Every pair with a source, a target and a json in the matching tars, in a stable order. A pair left out
     for a bad json or a refused image header is counted in `skipped` by reason."""
-    shards = sorted({p for pattern in patterns for p in glob.glob(pattern)})
+    shards = sorted({p for pattern in patterns for p in expand(pattern)})
     if not shards:
         raise FileNotFoundError(f"no training shards match {patterns}")
     skipped = Counter() if skipped is None else skipped
     pairs = []
     for shard in shards:
-        members: dict[str, dict[str, tuple[int, int]]] = {}
-        metas: dict[str, bytes] = {}
-        with tarfile.open(shard, mode="r:") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                key, field = _split(info.name)
-                members.setdefault(key, {})[field] = (info.offset_data, info.size)
-                if field == "json":
-                    metas[key] = tar.extractfile(info).read()
-        for key, fields in members.items():
-            src = next((fields[f] for f in SOURCE_FIELDS if f in fields), None)
-            tgt = next((fields[f] for f in TARGET_FIELDS if f in fields), None)
-            if not (src and tgt and key in metas):
-                continue
-            try:
-                meta = json.loads(metas[key])
-                if not isinstance(meta, dict):
-                    raise ValueError(f"a {type(meta).__name__}, not an object")
-                task, en, zh = pair_record(meta)
-            except (ValueError, TypeError, AttributeError):  # a JSONDecodeError is a ValueError; wrong types
-                skipped["bad_json"] += 1
-                continue
-            try:
-                header_size(_member(shard, src, 1 << 16), max_pixels=MAX_PIXELS)
-                size = _image_size(shard, tgt)
-            except Rejected as e:
-                skipped[e.reason] += 1
-                continue
-            pairs.append(PairRef(shard, key, task, en, zh, src, tgt, size))
+        with store_path(shard).open_walk() as f:  # one handle per shard: its header walk, then the image headers
+            pairs += _index_shard(shard, f, skipped)
     return pairs
 
 
-def _member(shard: str, where: tuple[int, int], limit: int | None = None) -> bytes:
-    with open(shard, "rb") as f:
-        f.seek(where[0])
-        return f.read(where[1] if limit is None else min(where[1], limit))
+def _index_shard(shard: str, file, skipped: Counter) -> list[PairRef]:
+    """The pairs of one open shard: its members from the tar headers, then each pair's json and image headers."""
+    members: dict[str, dict[str, tuple[int, int]]] = {}
+    metas: dict[str, bytes] = {}
+    with tarfile.open(fileobj=file, mode="r:") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            key, field = _split(info.name)
+            members.setdefault(key, {})[field] = (info.offset_data, info.size)
+            if field == "json":
+                metas[key] = tar.extractfile(info).read()
+    pairs = []
+    for key, fields in members.items():
+        src = next((fields[f] for f in SOURCE_FIELDS if f in fields), None)
+        tgt = next((fields[f] for f in TARGET_FIELDS if f in fields), None)
+        if not (src and tgt and key in metas):
+            continue
+        try:
+            meta = json.loads(metas[key])
+            if not isinstance(meta, dict):
+                raise ValueError(f"a {type(meta).__name__}, not an object")
+            task, en, zh = pair_record(meta)
+        except (ValueError, TypeError, AttributeError):  # a JSONDecodeError is a ValueError; wrong types
+            skipped["bad_json"] += 1
+            continue
+        try:
+            header_size(_member(file, src, 1 << 16), max_pixels=MAX_PIXELS)
+            size = _image_size(file, tgt)
+        except Rejected as e:
+            skipped[e.reason] += 1
+            continue
+        pairs.append(PairRef(shard, key, task, en, zh, src, tgt, size))
+    return pairs
 
 
-def _image_size(shard: str, where: tuple[int, int]) -> tuple[int, int]:
+def _member(file, where: tuple[int, int], limit: int | None = None) -> bytes:
+    """Bytes of a member (at most `limit`) from an open shard, by its (offset, size)."""
+    file.seek(where[0])
+    return file.read(where[1] if limit is None else min(where[1], limit))
+
+
+def _image_size(file, where: tuple[int, int]) -> tuple[int, int]:
     """Width and height from the image header: the first 64 KiB hold it for any JPEG/PNG we write."""
     try:
-        return header_size(_member(shard, where, 1 << 16), max_pixels=MAX_PIXELS)
+        return header_size(_member(file, where, 1 << 16), max_pixels=MAX_PIXELS)
     except Rejected as e:
         if e.reason != "decode_error":
             raise
-        return header_size(_member(shard, where), max_pixels=MAX_PIXELS)  # a long header (big EXIF block)
+        return header_size(_member(file, where), max_pixels=MAX_PIXELS)  # a long header (big EXIF block)
 
 
 def bucket_for(width: int, height: int, resolution: int) -> tuple[int, int]:
@@ -169,12 +187,12 @@ class PairDataset:
         """The aspect bucket of each pair: batches are drawn within one, so their images share a size."""
         return [bucket_for(*p.size, self.resolution) for p in self.pairs]
 
-    def _read(self, shard: str, where: tuple[int, int]) -> Image.Image:
-        return Image.fromarray(decode_image(_member(shard, where), max_pixels=MAX_PIXELS))
-
     def _load(self, index: int) -> dict:
         ref = self.pairs[index]
-        source, target = self._read(ref.shard, ref.source), self._read(ref.shard, ref.target)
+        # unbuffered: each member is one ranged read (one request on an object store), not a buffer's worth
+        with store_path(ref.shard).open() as file:
+            source, target = (Image.fromarray(decode_image(_member(file, where), max_pixels=MAX_PIXELS))
+                              for where in (ref.source, ref.target))
         size = bucket_for(target.width, target.height, self.resolution)
         return {"source": fit(source, size), "target": fit(target, size),
                 "instruction": ref.instruction_en or ref.instruction_zh, "task_id": ref.task_id, "key": ref.key}
