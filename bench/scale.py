@@ -202,6 +202,7 @@ def commands(run_dir: Path, scratch: Path) -> dict[str, list[str]]:
             "stats": [*shards, "stats", str(run_dir)], "validate": [*shards, "validate", str(run_dir)],
             "sample": [*shards, "sample", str(run_dir), "--decision", "any", "--where",
                        "score_change_global < 0.05 AND task = 'low_level'"],
+            "report": [*shards, "report", str(run_dir), "--out", str(scratch / "report.html")],
             "refilter": [sys.executable, "-m", "pipeline", "refilter", "--run-dir", str(run_dir), "--recipe",
                          str(scratch / "tight.yaml"), "--out", str(scratch / "refiltered")]}
 
@@ -232,7 +233,8 @@ def main() -> None:
     parser.add_argument("--units", type=int, default=100_000)
     parser.add_argument("--fragment-rows", type=int, default=64)
     parser.add_argument("--dir", type=Path)
-    parser.add_argument("--only", nargs="*", default=["plan", "ledger", "stats", "validate", "sample", "refilter"])
+    parser.add_argument("--only", nargs="*", default=["plan", "ledger", "stats", "validate", "sample", "report",
+                                                          "refilter"])
     args = parser.parse_args()
     if args.command == "pack-io":
         print(json.dumps(pack_io(args.pairs, args.fragment_rows)))

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from manifests.commit import TMP_MARKER
 from manifests.fragments import list_fragments
-from manifests.ledger import LEDGER_NAME
+from manifests.ledger import LEDGER_NAME, read_ledger
 from manifests.schema import ACCEPTED, FAILED, REJECTED, STAGES
 from manifests.shards import shard_summary
 from manifests.storage import StorePath, read_parquet, store_path
@@ -215,8 +215,7 @@ def run_stats(run: Run) -> dict:
     if not run.ledger_path:
         raise RunError(f"{run.root} has no {LEDGER_NAME} (an export?): stats needs the ledger of a pipeline run")
     labels = ["status", "stage", "reason", "task", "editor"]  # a few values each: dictionary-encoded, 4 B a row
-    ledger = pq.read_table(run.ledger_path.open(), read_dictionary=labels,
-                           columns=["sample_id", "pair_id", *labels, *(f"t_{s}" for s in STAGES[:-1])])
+    ledger = read_ledger(run.root, ["sample_id", "pair_id", *labels, *(f"t_{s}" for s in STAGES[:-1])], labels)
     steps = funnel(ledger)
     report = run.report_json() or {}
     target = {t: v.get("target_share") for t, v in report.get("accepted_per_task", {}).items()}

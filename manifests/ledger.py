@@ -75,5 +75,10 @@ def ledger_plan(path: Path | StorePath) -> dict[str, dict]:
     return json.loads(meta[PLAN_KEY]) if PLAN_KEY in meta else {}
 
 
-def read_ledger(run_dir: Path | StorePath, columns: list[str] | None = None) -> pa.Table:
-    return read_parquet(store_path(run_dir) / LEDGER_NAME, columns)
+def read_ledger(run_dir: Path | StorePath, columns: list[str] | None = None, labels: list[str] = ()) -> pa.Table:
+    """The ledger's columns; `labels` (columns of a few distinct values) dictionary-encoded, 4 B a row, with one
+    dictionary across the file's row groups (the ledger is written a group of fragments at a time)."""
+    if not labels:
+        return read_parquet(store_path(run_dir) / LEDGER_NAME, columns)
+    with (store_path(run_dir) / LEDGER_NAME).open() as f:
+        return pq.read_table(f, columns=columns, read_dictionary=labels).unify_dictionaries()

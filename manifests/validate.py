@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from manifests.fragments import COMPLETE_NAME, first_occurrences, plan_record, read_completion, read_units
 from manifests.inspect import Run, list_shards, temp_files
-from manifests.ledger import ledger_plan
+from manifests.ledger import ledger_plan, read_ledger
 from manifests.schema import ACCEPTED, STAGES, TERMINAL
 from manifests.storage import StorePath
 
@@ -88,7 +88,7 @@ def _mask(n: int, indices: pa.Array) -> pa.Array:
 def _check_ledger(run: Run, owner: pa.Table, totals: Counter, problems: list[str]) -> dict:
     labels = ["status", "stage", "reason"]  # a few values each: dictionary-encoded, 4 B a row
     where = run.ledger_path
-    table = pq.read_table(where.open(), columns=["unit_id", "sample_id", *labels, "shard"], read_dictionary=labels)
+    table = read_ledger(run.root, ["unit_id", "sample_id", *labels, "shard"], labels)
     problems += _check_plan(run, table)
     if (first := first_occurrences(table["unit_id"])) is not None:
         repeated = pc.unique(pc.filter(table["unit_id"], pc.invert(_mask(len(table), first))))

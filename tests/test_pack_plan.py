@@ -160,6 +160,8 @@ def test_the_ledger_accepts_planned_rows_into_their_shards(run, monkeypatch, tmp
     whole = read_units(stage_dir(run, "score"))  # the naive way: every column of every unit in memory at once
     assert ledger.equals(build_ledger(whole, plan.shard_column(whole.num_rows)).cast(ledger.schema))
     assert ledger_plan(tmp_path / LEDGER_NAME) == {"score": {"units": 1}}
+    labels = read_ledger(tmp_path, ["status", "task"], labels=["status", "task"])  # one dictionary, many row groups
+    assert labels.group_by(["status", "task"]).aggregate([([], "count_all")]).num_rows > 1
     names = [plan.shards[i]["shard"] for i in plan.order["shard"].to_pylist()]
     shard_of = dict(zip(plan.order["unit_id"].to_pylist(), names))
     for unit, status, shard in zip(*(ledger[c].to_pylist() for c in ("unit_id", "status", "shard"))):
