@@ -18,7 +18,6 @@ import fnmatch
 import io
 import json
 import posixpath
-from functools import cached_property
 from pathlib import Path
 
 import pyarrow as pa
@@ -105,10 +104,6 @@ class StorePath:
         return self.parent / f"{self.stem}{suffix}"
 
     # ---------------------------------------------------------------------------------------- queries
-    @cached_property
-    def _local(self) -> Path:
-        return Path(self.path)
-
     def _type(self) -> pafs.FileType:
         return self.fs.get_file_info(self.path).type
 
@@ -127,8 +122,7 @@ class StorePath:
     def iterdir(self) -> list[StorePath]:
         """The entries directly under this folder (none when it does not exist), in name order. One listing
         request per 1,000 entries on an object store."""
-        infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
-        return sorted(self._at(i.path) for i in infos)
+        return [self._at(i.path) for i in self._listing()]
 
     def glob(self, pattern: str) -> list[StorePath]:
         """Entries directly under this folder whose name matches `pattern` (fnmatch; one level only)."""
@@ -137,9 +131,12 @@ class StorePath:
     def sizes(self, pattern: str = "*") -> dict[str, int]:
         """Name → size of the files directly under this folder matching `pattern`, from the one listing (no
         request per file)."""
-        infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
-        return {i.base_name: i.size for i in sorted(infos, key=lambda i: i.path)
+        return {i.base_name: i.size for i in self._listing()
                 if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.base_name, pattern)}
+
+    def _listing(self) -> list[pafs.FileInfo]:
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+        return sorted(infos, key=lambda i: i.path)
 
     # ---------------------------------------------------------------------------------------- bytes
     def open(self, mode: str = "rb"):
@@ -168,14 +165,14 @@ class StorePath:
             return None
 
     def put(self, data: bytes) -> None:
-        """Write the whole object at once (object stores: one atomic PUT). Local files go through
-        manifests.commit.atomic_write_bytes instead, which renames."""
+        """Write the whole file under its name at once: in an object store one atomic PUT; on a filesystem a
+        reader could see it half-written (manifests.commit.atomic_write_bytes renames instead)."""
         with self.fs.open_output_stream(self.path) as f:
             f.write(data)
 
     def mkdir(self, parents: bool = True, exist_ok: bool = True) -> None:
         if self.is_local:  # an object store has no folders: a prefix exists once an object is under it
-            self._local.mkdir(parents=parents, exist_ok=exist_ok)
+            Path(self.path).mkdir(parents=parents, exist_ok=exist_ok)
 
     def unlink(self, missing_ok: bool = False) -> None:
         try:
