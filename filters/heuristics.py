@@ -12,6 +12,13 @@ _ANALYSIS_SIDE = 512  # scores are computed at a fixed scale so thresholds mean 
 _DETAIL_FLOOR = 0.25
 
 
+def _mean(values: np.ndarray) -> float:
+    """The mean summed in one fixed order (float64, front to back). numpy's vectorised sums group the additions
+    by the array's memory alignment, so the same values could give a last-bit different mean in another
+    process, and a pair's json (its scores) would differ between a resumed run and an uninterrupted one."""
+    return float(np.cumsum(values, dtype=np.float64)[-1] / values.size) if values.size else 0.0
+
+
 def _gray(image: np.ndarray) -> np.ndarray:
     h, w = image.shape[:2]
     scale = _ANALYSIS_SIDE / min(h, w)
@@ -22,21 +29,26 @@ def _gray(image: np.ndarray) -> np.ndarray:
 
 def sharpness(gray: np.ndarray) -> float:
     """Variance of the Laplacian: the classic focus measure (Pech-Pacheco et al. 2000)."""
-    return float(cv2.Laplacian(gray, cv2.CV_32F).var())
+    laplacian = cv2.Laplacian(gray, cv2.CV_32F)
+    return _mean(np.square(laplacian - _mean(laplacian), dtype=np.float64))
 
 
 def noise_sigma(gray: np.ndarray) -> float:
     """Fast noise estimate (Immerkær 1996): a Laplacian-difference kernel cancels image structure."""
     kernel = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
     response = np.abs(cv2.filter2D(gray, cv2.CV_32F, kernel))[1:-1, 1:-1]
-    return float(np.sqrt(np.pi / 2) * response.mean() / 6)
+    return float(np.sqrt(np.pi / 2) * _mean(response) / 6)
 
 
 def _mean_gradient(gray: np.ndarray, where: np.ndarray) -> float:
     """Mean gradient magnitude over `where`, in grey levels per pixel (Sobel / 8: a ramp reads its slope)."""
     dx = cv2.Sobel(gray, cv2.CV_32F, 1, 0, scale=0.125)
     dy = cv2.Sobel(gray, cv2.CV_32F, 0, 1, scale=0.125)
-    return float(cv2.magnitude(dx, dy)[where].mean())
+    # Not cv2.magnitude: ~30 % of its values are not the correctly rounded ones, and the score computed from it
+    # came out different in the last bits in two Ray workers on the same pixels (a resumed run's json then
+    # differed). The Sobel values are exact multiples of 1/8: their squares and sums are exact in float64, and
+    # sqrt is correctly rounded, so every process gets the same values.
+    return _mean(np.sqrt(np.square(dx, dtype=np.float64) + np.square(dy, dtype=np.float64))[where])
 
 
 def detail_change(src_gray: np.ndarray, edited_gray: np.ndarray, where: np.ndarray) -> float:
@@ -53,7 +65,7 @@ def image_scores(image: np.ndarray, suffix: str) -> dict[str, float]:
     gray = _gray(image)
     return {
         f"sharpness_{suffix}": sharpness(gray),
-        f"exposure_{suffix}": float(gray.mean() / 255),
+        f"exposure_{suffix}": _mean(gray) / 255,
         f"clipped_{suffix}": float(((gray <= 2) | (gray >= 253)).mean()),
         f"noise_{suffix}": noise_sigma(gray),
     }
@@ -74,12 +86,12 @@ def edit_scores(src: np.ndarray, edited: np.ndarray, mask: np.ndarray | None) ->
     if edited.shape != src.shape:
         edited = cv2.resize(edited, (src.shape[1], src.shape[0]), interpolation=cv2.INTER_AREA)
     diff = np.abs(src.astype(np.int16) - edited.astype(np.int16)).mean(axis=2) / 255
-    scores = {"change_global": float(diff.mean())}
+    scores = {"change_global": _mean(diff)}
     if mask is not None:
         inside = mask.astype(bool)
         scores["mask_area"] = float(inside.mean())
-        scores["change_inside"] = float(diff[inside].mean()) if inside.any() else 0.0
-        scores["change_outside"] = float(diff[~inside].mean()) if (~inside).any() else 0.0
+        scores["change_inside"] = _mean(diff[inside])
+        scores["change_outside"] = _mean(diff[~inside])
         src_gray, edited_gray = _gray(src), _gray(edited)  # the fixed analysis scale; the mask follows
         outside = cv2.resize((~inside).astype(np.uint8), src_gray.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
         scores["detail_change_outside"] = detail_change(src_gray, edited_gray, outside) if outside.any() else 0.0
