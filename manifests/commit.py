@@ -62,9 +62,10 @@ def atomic_writer(where: Path | StorePath) -> Iterator[BinaryIO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # gone after the rename; a failed writer's leftover otherwise
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed writer leaves nothing behind
+        raise
+    os.replace(tmp, path)
     _fsync_dir(path.parent)
 
 

@@ -54,18 +54,17 @@ def write_ledger(run_dir: Path | StorePath, rows_dir: Path | StorePath, units: p
     if np.any(np.diff(codes) < 0):
         raise ValueError("units are not in fragment order (read_units' table is)")
     names = fragment.dictionary.to_pylist()
+    start = np.searchsorted(codes, np.arange(len(names) + 1))  # fragment k's units: start[k]:start[k + 1]
     schema = LEDGER_SCHEMA.with_metadata({PLAN_KEY: json.dumps(plan, sort_keys=True)})
     with atomic_writer(path) as f, pq.ParquetWriter(f, schema, compression="zstd") as writer:
         for first in range(0, len(names), COMBINE_FRAGMENTS):
-            lo, hi = np.searchsorted(codes, [first, first + COMBINE_FRAGMENTS])
-            parts = []
-            for code in range(first, min(first + COMBINE_FRAGMENTS, len(names))):
-                a, b = np.searchsorted(codes, [code, code + 1])
-                if b > a:
-                    table = read_parquet(rows_dir / names[code], list(LEDGER_COLUMNS))
-                    parts.append(table.take(pa.array(rows[a:b])))
-            if parts:
-                writer.write_table(build_ledger(pa.concat_tables(parts), shards.slice(lo, hi - lo)).cast(schema))
+            group = [k for k in range(first, min(first + COMBINE_FRAGMENTS, len(names))) if start[k + 1] > start[k]]
+            if not group:
+                continue
+            parts = [read_parquet(rows_dir / names[k], list(LEDGER_COLUMNS)).take(rows[start[k]:start[k + 1]])
+                     for k in group]
+            lo, hi = start[group[0]], start[group[-1] + 1]
+            writer.write_table(build_ledger(pa.concat_tables(parts), shards.slice(lo, hi - lo)).cast(schema))
     return path
 
 

@@ -82,8 +82,12 @@ def write_shard(out_dir: Path | StorePath, name: str, members: list[tuple[str, b
 
 
 def shard_summary(manifest_path: Path | StorePath) -> dict:
-    meta = parquet_schema(store_path(manifest_path)).metadata or {}
-    return json.loads(meta[b"x2edit"])
+    return summary_of(parquet_schema(store_path(manifest_path)))
+
+
+def summary_of(manifest_schema: pa.Schema) -> dict:
+    """The shard summary a manifest carries in its schema's metadata (KeyError when it has none)."""
+    return json.loads((manifest_schema.metadata or {})[b"x2edit"])
 
 
 def committed_shards(out_dir: Path | StorePath, prefix: str) -> dict[str, dict]:

@@ -30,6 +30,7 @@ from manifests.fragments import COMPLETE_NAME, first_occurrences, plan_record, r
 from manifests.inspect import Run, list_shards, temp_files
 from manifests.ledger import ledger_plan, read_ledger
 from manifests.schema import ACCEPTED, STAGES, TERMINAL
+from manifests.shards import summary_of
 from manifests.storage import StorePath
 
 PARALLEL_FROM = 64  # shards; fewer are checked in this process (starting workers would cost more)
@@ -166,7 +167,7 @@ def _check_shard(run: Run, path: StorePath) -> tuple[list[str], dict, pa.Array]:
     shard, problems = path.stem, []
     try:
         file = pq.ParquetFile(path.open())
-        summary = json.loads((file.schema_arrow.metadata or {})[b"x2edit"])
+        summary = summary_of(file.schema_arrow)
         rows = file.read(columns=MANIFEST_COLUMNS).to_pylist()
     except (KeyError, ValueError, OSError, pa.ArrowException) as exc:
         return ([f"{path}: unreadable manifest or missing x2edit summary ({type(exc).__name__}: {exc})"], {},
