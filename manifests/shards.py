@@ -6,7 +6,6 @@ pairs always give the same shard checksum, whichever process or run wrote them.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import tarfile
 from pathlib import Path
@@ -55,16 +54,28 @@ def shard_name(prefix: str, index: int) -> str:
     return f"{prefix}-{index:06d}"
 
 
+BLOCK, RECORD = 512, 10240  # a tar block; the record an archive is padded to (tarfile's RECORDSIZE)
+_MTIME = b"0" * 11 + b"\0"
+# A member's ustar header after its checksum field: type regular file, no link, the ustar magic, empty owner
+# names and device fields, no name prefix (names of up to 100 bytes fit the name field).
+_HEADER_TAIL = b"0" + bytes(100) + b"ustar\x0000" + bytes(32 + 32 + 8 + 8 + 155 + 12)
+_TAIL_SUM = sum(_HEADER_TAIL) + 8 * ord(" ")  # the checksum counts its own field as eight spaces
+
+
 def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), 0, 0o444
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+    """A ustar archive of `members` in their order, each file mode 0444, uid/gid 0, mtime 0: the bytes
+    Python's tarfile writes for them (tests/test_contract.py checks it), without its per-member objects,
+    which cost a third of the pack's time."""
+    parts = []
+    for name, data in members:
+        encoded = name.encode()
+        if len(encoded) > 100 or len(data) >= 8 ** 11:
+            raise ValueError(f"tar member {name!r}: a ustar name holds 100 bytes and a size 11 octal digits")
+        # name, mode, uid, gid, size, mtime: octal numbers of their field's width less one, each ended by NUL
+        head = encoded.ljust(100, b"\0") + b"0000444\0" + b"0000000\0" * 2 + b"%011o\0" % len(data) + _MTIME
+        parts += [head, b"%06o\0 " % (sum(head) + _TAIL_SUM), _HEADER_TAIL, data, bytes(-len(data) % BLOCK)]
+    body = b"".join(parts) + bytes(2 * BLOCK)  # the end-of-archive marker
+    return body + bytes(-len(body) % RECORD)
 
 
 def write_shard(out_dir: Path | StorePath, name: str, members: list[tuple[str, bytes]], manifest: pa.Table,

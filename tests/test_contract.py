@@ -1,6 +1,8 @@
 """The data contract: taxonomy, mixing, fragments and resume bookkeeping, shards, recipes, policies."""
 from __future__ import annotations
 
+import io
+import random
 import tarfile
 from collections import Counter
 
@@ -69,6 +71,31 @@ def test_uncommitted_leftovers_are_discarded(tmp_path):
     (tmp_path / ".frag-x.parquet.tmp-123").write_bytes(b"half a file")
     assert len(discard_uncommitted(tmp_path)) == 1
     assert [p.name.startswith("frag-") for p in tmp_path.iterdir()] == [True]
+
+
+def _tarfile_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    """The reference: Python's tarfile, with the fixed metadata tar_bytes writes."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o444
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_the_tar_writer_writes_what_tarfile_writes():
+    rng = random.Random(0)
+    sizes = [0, 1, 511, 512, 513, 10239, 10240, 70001]
+    members = [(f"{'k' * rng.randrange(1, 60)}-{i}.{ext}", rng.randbytes(size))
+               for i, size in enumerate(sizes) for ext in ("json", "src.jpg")]
+    members.append(("ü" * 50, b"x"))  # 100 bytes of UTF-8: the longest name
+    for n in range(len(members) + 1):
+        assert tar_bytes(members[:n]) == _tarfile_bytes(members[:n])
+    with pytest.raises(ValueError, match="100 bytes"):
+        tar_bytes([("k" * 101, b"")])
 
 
 def test_shards_are_deterministic_and_commit_with_their_manifest(tmp_path):
