@@ -4,6 +4,7 @@
     python -m pipeline run --recipe R --stage source --run-dir D                  # one stage (e.g. a Ray job)
     ray job submit --working-dir . -- python -m pipeline run --recipe R --stage edit --run-dir D
     python -m pipeline refilter --run-dir D --recipe R2 --out D2                  # R2's policy, no model re-run
+    python -m pipeline refilter --run-dir D --recipe R2 --out D2 --no-pack        # decide now, pack later
     python -m pipeline run --recipe R --run-dir s3://bucket/runs/x                # a run dir in object storage
 
 Stages: source, instruct, edit, score, pack; each per-stage job starts only once the previous stage has
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     refilter.add_argument("--recipe", required=True, help="recipe whose score rules to apply")
     refilter.add_argument("--out", required=True, help="new run dir for the re-filtered corpus")
     refilter.add_argument("--address", help="join this Ray cluster for packing (default: as for run)")
+    refilter.add_argument("--no-pack", action="store_true", help="stop once the rows are re-decided and the diff "
+                                                                "written; pack later with `run --stage pack`")
     args = parser.parse_args(argv)
 
     from pipeline.cluster import RunDirNotShared
@@ -46,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "refilter":
             from pipeline.refilter import refilter as refilter_run
 
-            refilter_run(args.run_dir, args.recipe, args.out, args.address)
+            refilter_run(args.run_dir, args.recipe, args.out, args.address, pack=not args.no_pack)
         else:
             run_pipeline(args.recipe, args.run_dir, args.stage, args.address)
     except (RecipeError, StageNotReady, RunDirNotShared) as e:

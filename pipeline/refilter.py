@@ -12,13 +12,16 @@ score stage for this; rows that ended earlier (bad input, failed edit) stay as t
 Only the rules (`score.rules`, `score.per_task`) are taken from the other recipe; its scorer blocks are not run
 (the new run dir's recipe keeps the scorers that computed the scores). A policy that needs a score the run did
 not compute is refused with the list of missing scores. `refilter.json` / `refilter.md` in the new run dir
-say what changed: pairs added and removed per task and reason.
+say what changed: pairs added and removed per task and reason. With `--no-pack` the refilter stops there (the
+new run dir then holds the re-decided rows and the diff); `python -m pipeline run --stage pack` on it writes the
+shards, ledger and reports, as for any run whose score stage is complete.
 """
 from __future__ import annotations
 
 import json
 import time
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
@@ -26,20 +29,22 @@ from tqdm import tqdm
 from filters.policy import rules_for
 from manifests.commit import atomic_write_bytes
 from manifests.fragments import fragment_path, list_fragments, read_completion, read_units, write_fragment
-from manifests.schema import LIVE, REJECTED, ROW_SCHEMA
+from manifests.schema import LIVE, REJECTED
 from manifests.storage import StorePath, read_parquet, store_path
 from pipeline.cluster import connect
 from pipeline.recipe import Recipe, RecipeError, load_recipe, resolve_path
 from pipeline.run import RECIPE_FILE, open_run_dir, pack_corpus, prepare_run_dir
 from pipeline.stage_state import finish, stage_dir
-from stages.base import StageContext
-from stages.score import ABSENT_KEY, SCORERS, ScoreStage, policy_verdict
+from stages.base import MESSAGE_CHARS, StageContext
+from stages.score import ABSENT_KEY, SCORERS, ScoreStage, policy_verdict, thresholds_json, verdict
 
 DIFF_JSON, DIFF_MD = "refilter.json", "refilter.md"
 
 
-def refilter(run_dir: str, recipe_spec: str, out_dir: str, address: str | None = None) -> dict:
-    """Write the re-filtered corpus into out_dir; returns the diff against the finished run."""
+def refilter(run_dir: str, recipe_spec: str, out_dir: str, address: str | None = None, pack: bool = True) -> dict:
+    """Write the re-filtered corpus into out_dir; returns the diff against the finished run. `pack=False` stops
+    once the rows are re-decided and the diff written: the decision of a corpus of millions in about a minute,
+    the shards (the bulk of the work: every accepted pair's bytes rewritten) left to `run --stage pack`."""
     source, out = open_run_dir(run_dir), open_run_dir(out_dir, "--out")
     recipe = _merged_recipe(source, recipe_spec, out)
     _check_scores(source, recipe)
@@ -49,12 +54,17 @@ def refilter(run_dir: str, recipe_spec: str, out_dir: str, address: str | None =
     _redecide(source, out, recipe)
     if (balance := source / "balance.json").exists():  # the instruct stage's windows, unchanged by a policy
         atomic_write_bytes(out / balance.name, balance.read_bytes())
-    ctx = StageContext(seed=recipe.seed, recipe_hash=recipe.hash(), run_dir=str(out))
-    pack_corpus(recipe, ctx, out, "refilter", start)
     diff = ledger_diff(source, out, recipe_spec)
     atomic_write_bytes(out / DIFF_JSON, json.dumps(diff, indent=1, ensure_ascii=False).encode())
     atomic_write_bytes(out / DIFF_MD, diff_markdown(diff).encode())
     print(diff_markdown(diff))
+    if pack:
+        ctx = StageContext(seed=recipe.seed, recipe_hash=recipe.hash(), run_dir=str(out))
+        pack_corpus(recipe, ctx, out, "refilter", start)
+    else:
+        print(f"[x2edit] re-decided in {time.perf_counter() - start:.1f} s, not packed. Shards, ledger and reports "
+              f"(on a cluster too, as a Ray job): python -m pipeline run --stage pack --run-dir {out} "
+              f"--recipe {out / 'recipe.yaml'}" + ("" if out.bucket() is None else " (a local copy of it)"))
     return diff
 
 
@@ -92,7 +102,6 @@ def _check_scores(source: StorePath, recipe: Recipe) -> None:
 
 REDECIDE_GROUP = 64  # source fragments re-decided into one: a commit (two fsyncs) per group, not per fragment
 MIN_GROUPS = 16  # fewer fragments per group rather than fewer tasks than a few cores can share
-IMAGES = ("src", "edited", "mask", "thumb")  # carried over as they are: no policy looks at pixels
 
 
 def _redecide(source: StorePath, out: StorePath, recipe: Recipe) -> None:
@@ -117,24 +126,48 @@ def redecide_group(batch: pa.Table, out: str, recipe: Recipe) -> pa.Table:
     paths = batch.column("paths")[0].as_py()
     table = pa.concat_tables(read_parquet(store_path(p)) for p in paths)
     if not fragment_path(store_path(out), table["unit_id"].to_pylist()).exists():
-        rows = table.drop_columns(list(IMAGES)).to_pylist()
-        kept = pc.is_valid(table["src"]).to_pylist()
-        decided = [redecide(row, recipe, images) for row, images in zip(rows, kept)]
-        light = pa.Table.from_pylist(decided, schema=_light_schema())
-        for name in IMAGES:
-            light = light.append_column(name, table.column(name))
-        write_fragment(store_path(out), light.select(ROW_SCHEMA.names))
+        write_fragment(store_path(out), redecide_table(table, recipe))
     return pa.table({"fragments": [len(paths)]})
 
 
-def _light_schema() -> pa.Schema:
-    return pa.schema([f for f in ROW_SCHEMA if f.name not in IMAGES])
+JUDGED = ("status", "stage", "reason", "message", "thresholds")  # the columns a verdict sets
+
+
+def redecide_table(table: pa.Table, recipe: Recipe) -> pa.Table:
+    """`redecide` over a table: the columns a verdict sets, replaced in the rows it judges; every other column
+    (the images among them) as it is, without a Python object per value. `redecide` is its naive reference
+    (tests/test_refilter_groups.py: they agree row for row)."""
+    status, stage = table["status"], table["stage"]
+    was_judged = pc.and_kleene(pc.and_kleene(pc.equal(status, REJECTED), pc.equal(stage, ScoreStage.name)),
+                               pc.is_valid(table["src"]))
+    judged = pc.fill_null(pc.or_kleene(pc.equal(status, LIVE), was_judged), False)
+    index = np.flatnonzero(judged.to_numpy(zero_copy_only=False))
+    columns = {name: table[name].to_pylist() for name in JUDGED}
+    rules, needs = {}, {}  # per task: its rules and thresholds json, the scores they read
+    picked = table.select(["task", "scores", "provenance"]).take(index)
+    for i, task, text, provenance in zip(index, *(picked[c].to_pylist() for c in picked.column_names)):
+        if task not in rules:
+            rules[task] = rules_for(task, recipe.score.rules, recipe.score.per_task)
+            needs[task] = (set().union(*(r.scores for r in rules[task])), thresholds_json(rules[task]))
+        scores = json.loads(text or "{}")
+        # why a score is absent matters only when a rule needs it: the provenance is parsed for those rows alone
+        absent = json.loads(provenance or "{}").get(ABSENT_KEY, {}) if needs[task][0] - scores.keys() else {}
+        reason, message = verdict(scores, rules[task], absent)
+        values = (LIVE, None, None, None) if reason is None else \
+            (REJECTED, ScoreStage.name, reason, message[:MESSAGE_CHARS])
+        for name, value in zip(JUDGED, (*values, needs[task][1])):
+            columns[name][i] = value
+    for name, values in columns.items():
+        field = table.schema.field(name)
+        table = table.set_column(table.schema.get_field_index(name), field, pa.array(values, field.type))
+    return table
 
 
 def redecide(row: dict, recipe: Recipe, images: bool) -> dict:
     """A row the score policy judged (accepted, or rejected with its images kept: `images`), judged again under
-    the recipe's rules; any other row as it ended. The row comes without its images: no rule reads them, and a
-    row rejected here gets no thumbnail (a report makes it from the kept images: manifests.inspect.ended_rows)."""
+    the recipe's rules; any other row as it ended. The naive reference of `redecide_table`, one row at a time.
+    The row comes without its images: no rule reads them, and a row rejected here gets no thumbnail (a report
+    makes it from the kept images: manifests.inspect.ended_rows)."""
     judged = row["status"] == LIVE or (row["status"] == REJECTED and row["stage"] == ScoreStage.name and images)
     if not judged:
         return row

@@ -62,12 +62,15 @@ class ContractError(RuntimeError):
     """A stage received or produced rows that break its declared column contract."""
 
 
+MESSAGE_CHARS = 2000  # a ledger message is kept to this length
+
+
 def end_row(row: dict, status: str, stage: str, reason: str, message: str = "", keep_images: bool = False) -> dict:
     """End a row: it keeps its metadata and scores for the ledger and drops its images (a thumbnail of
     them stays, so reports can show what was rejected). `keep_images`: the score policy's rejections keep
     them, so that `python -m pipeline refilter` can accept the pair under a looser policy without re-running
     anything."""
-    out = {**row, "status": status, "stage": stage, "reason": reason, "message": message[:2000]}
+    out = {**row, "status": status, "stage": stage, "reason": reason, "message": message[:MESSAGE_CHARS]}
     images = [row[c] for c in ("src", "edited") if row.get(c)]
     if images and not row.get("thumb"):
         out["thumb"] = contact_thumb(images)

@@ -180,14 +180,26 @@ ABSENT_KEY = "absent_scores"  # provenance: score → {scorer, reason, message} 
 def policy_verdict(row: dict, rules: list[Rule], absent: dict[str, dict]) -> dict:
     """The row, its scores measured, with the policy's verdict: the rules recorded, and the row live or
     rejected by the first rule that fails. A rejected row keeps its images, so `refilter` can accept it under a
-    looser policy; the score stage and refilter decide through this one function.
+    looser policy; the score stage and refilter decide through `verdict`."""
+    row = {**row, "thresholds": thresholds_json(rules)}
+    reason, message = verdict(json.loads(row["scores"] or "{}"), rules, absent)
+    if reason is None:
+        return row
+    return end_row(row, REJECTED, ScoreStage.name, reason, message, keep_images=True)
 
-    When a rule needs a score a scorer could not give (`absent`), the ledger reason is the scorer's own
-    (vlm_truncated, …), which says what to fix, rather than the policy's generic missing_score. `decide`
-    reports the first rule with an absent score, and in it the first absent score by name: the same one is
-    looked up here; a misspelt or never computed score stays missing_score."""
-    scores = json.loads(row["scores"] or "{}")
-    row = {**row, "thresholds": json.dumps([r.model_dump(exclude_none=True) for r in rules])}
+
+def thresholds_json(rules: list[Rule]) -> str:
+    """The rules a row was judged by, as its `thresholds` column records them."""
+    return json.dumps([r.model_dump(exclude_none=True) for r in rules])
+
+
+def verdict(scores: dict[str, float], rules: list[Rule], absent: dict[str, dict]) -> tuple[str | None, str]:
+    """`decide`, with the scorer's own reason for a score it could not give (`absent`).
+
+    When a rule needs a score a scorer could not give, the ledger reason is the scorer's own (vlm_truncated,
+    …), which says what to fix, rather than the policy's generic missing_score. `decide` reports the first rule
+    with an absent score, and in it the first absent score by name: the same one is looked up here; a misspelt
+    or never computed score stays missing_score."""
     reason, message = decide(scores, rules)
     if reason == "missing_score":
         rule = next(r for r in rules if r.scores - scores.keys())
@@ -195,6 +207,4 @@ def policy_verdict(row: dict, rules: list[Rule], absent: dict[str, dict]) -> dic
         if score in absent:
             why = absent[score]
             reason, message = why["reason"], f"{why['scorer']} could not give {score}: {why['message']}"
-    if reason is None:
-        return row
-    return end_row(row, REJECTED, ScoreStage.name, reason, message, keep_images=True)
+    return reason, message

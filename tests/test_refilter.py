@@ -1,6 +1,7 @@
 """`python -m pipeline refilter`: a finished run re-decided under another score policy, no model re-run.
-A tighter policy gives a strict subset, the original policy applied to that subset gives the original corpus back
-(same pairs, same member checksums), and a policy reading a score the run never computed is refused."""
+A tighter policy gives a strict subset (decided first, packed later by the pack stage), the original policy
+applied to that subset gives the original corpus back (same pairs, same member checksums), and a policy reading
+a score the run never computed is refused."""
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ from manifests.ledger import read_ledger
 from manifests.validate import validate
 from pipeline.recipe import RecipeError
 from pipeline.refilter import refilter
+from pipeline.run import run
 from tests.corpus import check_run, pairs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +42,10 @@ def _tighter(score: dict) -> None:
 def test_tighter_policy_gives_a_subset_and_the_original_policy_brings_it_back(default_run, ray_cluster, tmp_path):
     address = ray_cluster["address"]
     tight, back = tmp_path / "tight", tmp_path / "back"
-    diff = refilter(str(default_run), _recipe(tmp_path, "tight", _tighter), str(tight), address)
+    diff = refilter(str(default_run), _recipe(tmp_path, "tight", _tighter), str(tight), address, pack=False)
+    assert json.loads((tight / "refilter.json").read_text()) == diff  # decided, not packed: no shard, no ledger
+    assert not (tight / "ledger.parquet").exists() and not list(tight.glob("shards/*.tar"))
+    run(str(tight / "recipe.yaml"), str(tight), "pack", address)  # the pack, later, as for any run
 
     before, after = _accepted(default_run), _accepted(tight)
     assert after < before, "a tighter policy keeps a strict subset"
