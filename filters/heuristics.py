@@ -61,14 +61,14 @@ def detail_change(src_gray: np.ndarray, edited_gray: np.ndarray, where: np.ndarr
     return 1 - min(before, after) / max(before, after)
 
 
+IMAGE_SCORES = ("sharpness", "exposure", "clipped", "noise")  # image_scores' names, each `<name>_<suffix>`
+EDIT_SCORES = ("change_global", "mask_area", "change_inside", "change_outside", "detail_change_outside")
+
+
 def image_scores(image: np.ndarray, suffix: str) -> dict[str, float]:
     gray = _gray(image)
-    return {
-        f"sharpness_{suffix}": sharpness(gray),
-        f"exposure_{suffix}": _mean(gray) / 255,
-        f"clipped_{suffix}": float(((gray <= 2) | (gray >= 253)).mean()),
-        f"noise_{suffix}": noise_sigma(gray),
-    }
+    values = (sharpness(gray), _mean(gray) / 255, float(((gray <= 2) | (gray >= 253)).mean()), noise_sigma(gray))
+    return {f"{name}_{suffix}": value for name, value in zip(IMAGE_SCORES, values)}
 
 
 def quality_score(image: np.ndarray) -> float:
@@ -82,7 +82,8 @@ def quality_score(image: np.ndarray) -> float:
 
 def edit_scores(src: np.ndarray, edited: np.ndarray, mask: np.ndarray | None) -> dict[str, float]:
     """Mean absolute change (0..1) over the image, and inside/outside the edit mask when there is one;
-    with a mask also the detail change outside it (`detail_change`), which is how a background blur shows."""
+    with a mask also the detail change outside it (`detail_change`), which is how a background blur shows.
+    EDIT_SCORES names them all (the first without a mask)."""
     if edited.shape != src.shape:
         edited = cv2.resize(edited, (src.shape[1], src.shape[0]), interpolation=cv2.INTER_AREA)
     diff = np.abs(src.astype(np.int16) - edited.astype(np.int16)).mean(axis=2) / 255

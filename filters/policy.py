@@ -10,6 +10,8 @@ pixel values, a blur removes detail), and the rule accepts either.
 """
 from __future__ import annotations
 
+from functools import cached_property
+
 from pydantic import Field, model_validator
 
 from manifests.config import Strict
@@ -52,11 +54,11 @@ class Rule(Strict):
             raise ValueError(f"a rule on {self.score!r} needs min, max or both")
         return self
 
-    @property
+    @cached_property  # the rule is frozen; a policy asks for its bounds once per row it judges
     def bounds(self) -> list[Bound]:
         return self.any_of or [Bound(score=self.score, min=self.min, max=self.max)]
 
-    @property
+    @cached_property
     def scores(self) -> set[str]:
         return {b.score for b in self.bounds}
 

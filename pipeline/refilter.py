@@ -28,15 +28,15 @@ from tqdm import tqdm
 
 from filters.policy import rules_for
 from manifests.commit import atomic_write_bytes
-from manifests.fragments import fragment_path, list_fragments, read_completion, read_units, write_fragment
-from manifests.schema import LIVE, REJECTED
+from manifests.fragments import first_occurrences, fragment_path, list_fragments, read_completion, write_fragment
+from manifests.schema import LIVE, REJECTED, ROW_SCHEMA
 from manifests.storage import StorePath, read_parquet, store_path
 from pipeline.cluster import connect
 from pipeline.recipe import Recipe, RecipeError, load_recipe, resolve_path
 from pipeline.run import RECIPE_FILE, open_run_dir, pack_corpus, prepare_run_dir
 from pipeline.stage_state import finish, stage_dir
 from stages.base import MESSAGE_CHARS, StageContext
-from stages.score import ABSENT_KEY, SCORERS, ScoreStage, policy_verdict, thresholds_json, verdict
+from stages.score import ABSENT_KEY, HEURISTIC_SCORES, SCORERS, ScoreStage, policy_verdict, thresholds_json, verdict
 
 DIFF_JSON, DIFF_MD = "refilter.json", "refilter.md"
 
@@ -51,10 +51,10 @@ def refilter(run_dir: str, recipe_spec: str, out_dir: str, address: str | None =
     prepare_run_dir(recipe, out)
     start = time.perf_counter()
     connect(address, out)
-    _redecide(source, out, recipe)
+    decisions = _redecide(source, out, recipe)
     if (balance := source / "balance.json").exists():  # the instruct stage's windows, unchanged by a policy
         atomic_write_bytes(out / balance.name, balance.read_bytes())
-    diff = ledger_diff(source, out, recipe_spec)
+    diff = refilter_diff(decisions, source, out, recipe_spec)
     atomic_write_bytes(out / DIFF_JSON, json.dumps(diff, indent=1, ensure_ascii=False).encode())
     atomic_write_bytes(out / DIFF_MD, diff_markdown(diff).encode())
     print(diff_markdown(diff))
@@ -87,10 +87,12 @@ def _merged_recipe(source: StorePath, recipe_spec: str, out: StorePath) -> Recip
 
 
 def _check_scores(source: StorePath, recipe: Recipe) -> None:
-    """Refuse a policy that reads a score no row of the run has and no scorer of the run writes."""
+    """Refuse a policy that reads a score no row of the run has and no scorer of the run writes (the heuristics
+    always run: their names count as computed, so the rows are read only for other names)."""
     needed = {s for rule in [*recipe.score.rules, *(r for rs in recipe.score.per_task.values() for r in rs)]
               for s in rule.scores}
-    computed = {name for cfg in recipe.score.scorers.values() for name in SCORERS[cfg.backend].names}
+    computed = {*HEURISTIC_SCORES,
+                *(name for cfg in recipe.score.scorers.values() for name in SCORERS[cfg.backend].names)}
     for path in list_fragments(stage_dir(source, "score")) if needed - computed else []:  # rows only if need be
         scores = read_parquet(path, ["scores"])["scores"]
         for text in pc.unique(scores).to_pylist():
@@ -104,54 +106,79 @@ REDECIDE_GROUP = 64  # source fragments re-decided into one: a commit (two fsync
 MIN_GROUPS = 16  # fewer fragments per group rather than fewer tasks than a few cores can share
 
 
-def _redecide(source: StorePath, out: StorePath, recipe: Recipe) -> None:
+def _redecide(source: StorePath, out: StorePath, recipe: Recipe) -> pa.Table:
     """The committed score-stage fragments, re-decided as Ray tasks, a group of fragments into one fragment
-    (named by its units, so a killed refilter resumes at the groups not yet committed)."""
+    (named by its units, so a killed refilter resumes at the groups not yet committed); returns each unit's
+    decision after and before (redecide_group's table, one row per unit id: its first copy, as read_units)."""
     import ray.data
 
     paths = list_fragments(stage_dir(source, "score"))
     size = max(1, min(REDECIDE_GROUP, len(paths) // MIN_GROUPS))  # a function of the fragments: resumable
-    groups = [{"paths": [str(p) for p in paths[i:i + size]]} for i in range(0, len(paths), size)]
+    groups = [{"group": g, "paths": [str(p) for p in paths[i:i + size]]}
+              for g, i in enumerate(range(0, len(paths), size))]
+    parts = []
     if groups:
         ds = ray.data.from_items(groups, override_num_blocks=len(groups))
         ds = ds.map_batches(redecide_group, fn_kwargs={"out": str(stage_dir(out, "score")), "recipe": recipe},
                             batch_size=1, batch_format="pyarrow", num_cpus=0.5)
-        for _ in tqdm(ds.iter_rows(), total=len(groups), desc="refilter: fragment groups", unit="group"):
-            pass
+        with tqdm(total=len(groups), desc="refilter: fragment groups", unit="group") as bar:
+            for part in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                parts.append(part)
+                bar.update(len(pc.unique(part["group"])))
+    table = pa.concat_tables(parts).unify_dictionaries() if parts else _decisions(ROW_SCHEMA.empty_table(), 0, None)
+    del parts  # the tasks' blocks, in the order they finished: put back in fragment-name order, deduplicated
+    table = table.take(pc.sort_indices(table, [("group", "ascending"), ("row", "ascending")]))
+    first = first_occurrences(table["unit_id"])
     finish(out, "score")
+    return table if first is None else table.take(first)
 
 
 def redecide_group(batch: pa.Table, out: str, recipe: Recipe) -> pa.Table:
-    """One group of fragments (a row of `batch`) re-decided into one fragment, unless it is committed."""
+    """One group of fragments (a row of `batch`) re-decided into one fragment, unless it is committed (a
+    resumed refilter); returns its rows' decisions (`_decisions`): the diff needs no second read of the rows."""
     paths = batch.column("paths")[0].as_py()
     table = pa.concat_tables(read_parquet(store_path(p)) for p in paths)
+    decided = redecide_table(table, recipe)
     if not fragment_path(store_path(out), table["unit_id"].to_pylist()).exists():
-        write_fragment(store_path(out), redecide_table(table, recipe))
-    return pa.table({"fragments": [len(paths)]})
+        write_fragment(store_path(out), decided)
+    return _decisions(decided, batch.column("group")[0].as_py(), table)
+
+
+def _decisions(after: pa.Table, group: int, before: pa.Table | None) -> pa.Table:
+    """Per row: where it lies (group, row), unit id, task, and its decision after and before (a reason;
+    accepted: live)."""
+    columns = {"group": pa.array(np.full(after.num_rows, group, np.int32)),
+               "row": pa.array(np.arange(after.num_rows, dtype=np.int32)),
+               "unit_id": after["unit_id"], "task": pc.dictionary_encode(after["task"])}  # labels: 4 B a row
+    for suffix, rows in (("", after), ("_before", after if before is None else before)):
+        columns.update({f"reason{suffix}": pc.dictionary_encode(rows["reason"]),
+                        f"accepted{suffix}": pc.equal(rows["status"], LIVE)})
+    return pa.table(columns)
 
 
 JUDGED = ("status", "stage", "reason", "message", "thresholds")  # the columns a verdict sets
 
 
 def redecide_table(table: pa.Table, recipe: Recipe) -> pa.Table:
-    """`redecide` over a table: the columns a verdict sets, replaced in the rows it judges; every other column
-    (the images among them) as it is, without a Python object per value. `redecide` is its naive reference
-    (tests/test_refilter_groups.py: they agree row for row)."""
+    """`redecide` over a table: the columns a verdict sets, replaced in the rows it judges. Only the columns a
+    verdict reads or sets become Python values; every other one (the images among them) stays as it is.
+    `redecide` is its naive reference (tests/test_refilter_groups.py: they agree row for row)."""
     status, stage = table["status"], table["stage"]
     was_judged = pc.and_kleene(pc.and_kleene(pc.equal(status, REJECTED), pc.equal(stage, ScoreStage.name)),
                                pc.is_valid(table["src"]))
     judged = pc.fill_null(pc.or_kleene(pc.equal(status, LIVE), was_judged), False)
     index = np.flatnonzero(judged.to_numpy(zero_copy_only=False))
     columns = {name: table[name].to_pylist() for name in JUDGED}
-    rules, needs = {}, {}  # per task: its rules and thresholds json, the scores they read
-    picked = table.select(["task", "scores", "provenance"]).take(index)
-    for i, task, text, provenance in zip(index, *(picked[c].to_pylist() for c in picked.column_names)):
+    tasks, texts, provenance = (table[name].to_pylist() for name in ("task", "scores", "provenance"))
+    rules, needs = {}, {}  # per task: its rules; the scores they read and the thresholds json
+    for i in index.tolist():
+        task = tasks[i]
         if task not in rules:
             rules[task] = rules_for(task, recipe.score.rules, recipe.score.per_task)
             needs[task] = (set().union(*(r.scores for r in rules[task])), thresholds_json(rules[task]))
-        scores = json.loads(text or "{}")
+        scores = json.loads(texts[i] or "{}")
         # why a score is absent matters only when a rule needs it: the provenance is parsed for those rows alone
-        absent = json.loads(provenance or "{}").get(ABSENT_KEY, {}) if needs[task][0] - scores.keys() else {}
+        absent = json.loads(provenance[i] or "{}").get(ABSENT_KEY, {}) if needs[task][0] - scores.keys() else {}
         reason, message = verdict(scores, rules[task], absent)
         values = (LIVE, None, None, None) if reason is None else \
             (REJECTED, ScoreStage.name, reason, message[:MESSAGE_CHARS])
@@ -176,27 +203,19 @@ def redecide(row: dict, recipe: Recipe, images: bool) -> dict:
     return policy_verdict(reopened, rules_for(row["task"], recipe.score.rules, recipe.score.per_task), absent)
 
 
-def ledger_diff(before_dir: StorePath, after_dir: StorePath, recipe_spec: str) -> dict:
-    """Pairs accepted in one corpus and not the other, per task and the reason of the side that rejected."""
-    def decisions(run: StorePath) -> pa.Table:
-        """From the committed score-stage rows, which the ledger is built from (a live row is accepted)."""
-        t = read_units(stage_dir(run, "score"), columns=["unit_id", "status", "task", "reason"])
-        return t.select(["unit_id", "task", "reason"]).append_column("accepted", pc.equal(t["status"], LIVE))
-
-    before, after = decisions(before_dir), decisions(after_dir)
-    both = after.join(before.select(["unit_id", "reason", "accepted"]), keys="unit_id", right_suffix="_before")
-    was = pc.fill_null(both["accepted_before"], False)
-
+def refilter_diff(both: pa.Table, before_dir: StorePath, after_dir: StorePath, recipe_spec: str) -> dict:
+    """Pairs accepted in one corpus and not the other, per task and the reason of the side that rejected.
+    `both`: each unit's decision after (reason, accepted) and before (reason_before, accepted_before)."""
     def rows(changed: pa.Array, reason: str) -> list[dict]:
         groups = both.filter(changed).group_by(["task", reason]).aggregate([([], "count_all")]).to_pylist()
         counts = sorted((((g["task"], g[reason]), g["count_all"]) for g in groups), key=str)
         return [{"task": t, "reason": r, "pairs": n} for (t, r), n in counts]
 
+    was, now = both["accepted_before"], both["accepted"]
     return {"from": str(before_dir), "to": str(after_dir), "recipe": str(resolve_path(recipe_spec)),
-            "accepted_before": pc.sum(before["accepted"]).as_py() or 0,
-            "accepted_after": pc.sum(after["accepted"]).as_py() or 0,
-            "added": rows(pc.and_(both["accepted"], pc.invert(was)), "reason_before"),
-            "removed": rows(pc.and_(was, pc.invert(both["accepted"])), "reason")}
+            "accepted_before": pc.sum(was).as_py() or 0, "accepted_after": pc.sum(now).as_py() or 0,
+            "added": rows(pc.and_(now, pc.invert(was)), "reason_before"),
+            "removed": rows(pc.and_(was, pc.invert(now)), "reason")}
 
 
 def diff_markdown(diff: dict) -> str:

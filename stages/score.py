@@ -29,7 +29,7 @@ from typing import Annotated, Union
 from pydantic import Field, field_validator
 
 from filters.aesthetic import AestheticScorer
-from filters.heuristics import edit_scores, image_scores
+from filters.heuristics import EDIT_SCORES, IMAGE_SCORES, edit_scores, image_scores
 from filters.policy import Rule, decide, rules_for
 from filters.pyiqa_scorer import PyiqaScorer
 from filters.similarity import ClipScorer, DinoScorer
@@ -118,8 +118,8 @@ class ScoreStage(Stage):
     def _measure(self, row: dict) -> _Scoring:
         src, edited = decode_own(row["src"]), decode_own(row["edited"])
         mask = decode_mask(row["mask"]) if row["mask"] is not None else None
-        scores = {**json.loads(row["scores"] or "{}"), **image_scores(src, "src"), **image_scores(edited, "edited"),
-                  **edit_scores(src, edited, mask)}
+        scores = {**json.loads(row["scores"] or "{}"), **image_scores(src, SIDES[0]),
+                  **image_scores(edited, SIDES[1]), **edit_scores(src, edited, mask)}
         return _Scoring(row, EditPair(src, edited, row["instruction_en"], row["instruction_zh"]), scores)
 
     def _score(self, scorer: Scorer, pairs: list[EditPair]) -> list[Scored | Exception]:
@@ -174,6 +174,9 @@ def in_range(scorer: Scorer, result: Scored | ItemFailed) -> Scored | ItemFailed
     return result
 
 
+SIDES = ("src", "edited")
+# the scores every scored row has (the region ones: every region edit), whatever scorers a recipe names
+HEURISTIC_SCORES = frozenset([*(f"{name}_{side}" for side in SIDES for name in IMAGE_SCORES), *EDIT_SCORES])
 ABSENT_KEY = "absent_scores"  # provenance: score → {scorer, reason, message} for each score a scorer could not give
 
 

@@ -7,7 +7,7 @@ import tracemalloc
 import cv2
 import numpy as np
 
-from filters.heuristics import edit_scores, image_scores, quality_score
+from filters.heuristics import EDIT_SCORES, IMAGE_SCORES, edit_scores, image_scores, quality_score
 from filters.policy import Rule
 from manifests.images import decode_image, encode_jpeg, encode_mask
 from manifests.rejected import Rejected
@@ -65,6 +65,14 @@ def test_scores_rank_images_sensibly():
     scores = edit_scores(image, image, mask)
     assert scores["change_global"] == scores["change_inside"] == 0.0
     assert abs(scores["mask_area"] - mask.mean()) < 1e-9
+
+
+def test_the_heuristic_score_names_are_the_computed_ones():
+    """The names refilter takes as always computed (stages.score.HEURISTIC_SCORES is built from them)."""
+    image, mask = generate_scene(3)
+    assert list(image_scores(image, "x")) == [f"{name}_x" for name in IMAGE_SCORES]
+    assert list(edit_scores(image, image, mask)) == list(EDIT_SCORES)
+    assert list(edit_scores(image, image, None)) == list(EDIT_SCORES[:1])
 
 
 def _twice(image: np.ndarray) -> np.ndarray:

@@ -28,12 +28,13 @@ def test_a_group_is_redecided_into_one_fragment_with_its_images(tmp_path):
     paths = list_fragments(stage_dir(tmp_path / "run", "score"))
     out = stage_dir(tmp_path / "out", "score")
     out.mkdir(parents=True)
-    batch = pa.table({"paths": [[str(p) for p in paths]]})
-    redecide_group(batch, str(out), recipe)
+    batch = pa.table({"group": [0], "paths": [[str(p) for p in paths]]})
+    decisions = redecide_group(batch, str(out), recipe)
     written = list_fragments(out)
     assert len(written) == 1
     mtime = Path(written[0]).stat().st_mtime_ns
-    redecide_group(batch, str(out), recipe)  # a resumed refilter: the group is committed already
+    # a resumed refilter: the group is committed already, and its decisions come back the same
+    assert redecide_group(batch, str(out), recipe).equals(decisions)
     assert list_fragments(out) == written and Path(written[0]).stat().st_mtime_ns == mtime
 
     before = read_units(stage_dir(tmp_path / "run", "score"))
@@ -52,6 +53,11 @@ def test_a_group_is_redecided_into_one_fragment_with_its_images(tmp_path):
     shown = ended_rows(run, [unit], ["thumb", "instruction_zh"])[unit]
     assert shown["thumb"][:2] == b"\xff\xd8" and set(shown) == {"unit_id", "thumb", "instruction_zh"}
     assert pq.read_metadata(written[0]).num_rows == before.num_rows
+    # the decisions the diff reads: each row's before and after, in the group's row order
+    assert decisions["unit_id"].equals(pq.read_table(written[0])["unit_id"])
+    assert decisions["accepted"].to_pylist() == [s == LIVE for s in pq.read_table(written[0])["status"].to_pylist()]
+    assert decisions["accepted_before"].to_pylist() == [
+        s == LIVE for p in paths for s in pq.read_table(p)["status"].to_pylist()]
 
 
 def test_the_table_redecision_agrees_with_the_row_reference(tmp_path):
