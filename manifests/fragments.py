@@ -44,8 +44,10 @@ def fragment_path(directory: Path | StorePath, unit_ids: list[str]) -> StorePath
 
 
 def fragment_bytes(table: pa.Table) -> bytes:
+    # No dictionary pages: most columns are unique per row (ids, texts, images) and zstd finds what repeats in
+    # the others; writing is ~30 % faster and the files a few per cent smaller (bench/README.md, "millions").
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd", row_group_size=ROW_GROUP_ROWS,
+    pq.write_table(table, buf, compression="zstd", row_group_size=ROW_GROUP_ROWS, use_dictionary=False,
                    write_statistics=[c for c in STATISTICS if c in table.column_names])
     return buf.getvalue()
 
