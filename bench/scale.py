@@ -3,6 +3,7 @@
     python -m bench.scale pack-io --pairs 20000 [--fragment-rows 64]   # bytes the pack reads/writes per shard byte
     python -m bench.scale make --units 1000000 --dir runs/scale-1m      # a finished run: fragments, shards, ledger
     python -m bench.scale measure --dir runs/scale-1m                   # wall s and driver peak RSS per operation
+    python -m bench.scale measure --dir runs/scale-1m --only refilter-decide refilter-pack
 
 The run is real score-stage fragments (`commit_rows` rows each, the recipe default 64) of tiny images (16×16
 JPEGs, reused) with text columns of realistic length, a completion record, and then the pipeline's own pack,
@@ -197,14 +198,20 @@ def commands(run_dir: Path, scratch: Path) -> dict[str, list[str]]:
     """Each operation as the command a user runs."""
     (scratch / "tight.yaml").write_text(json.dumps(TIGHT_POLICY))
     shards = [sys.executable, "-m", "manifests.cli"]
+    refilter = [sys.executable, "-m", "pipeline", "refilter", "--run-dir", str(run_dir), "--recipe",
+                str(scratch / "tight.yaml")]
+    decided = scratch / "decided"
     return {"plan": [sys.executable, "-m", "bench.scale", "op", "plan", "--dir", str(run_dir)],
             "ledger": [sys.executable, "-m", "bench.scale", "op", "ledger", "--dir", str(run_dir)],
             "stats": [*shards, "stats", str(run_dir)], "validate": [*shards, "validate", str(run_dir)],
             "sample": [*shards, "sample", str(run_dir), "--decision", "any", "--where",
                        "score_change_global < 0.05 AND task = 'low_level'"],
             "report": [*shards, "report", str(run_dir), "--out", str(scratch / "report.html")],
-            "refilter": [sys.executable, "-m", "pipeline", "refilter", "--run-dir", str(run_dir), "--recipe",
-                         str(scratch / "tight.yaml"), "--out", str(scratch / "refiltered")]}
+            "refilter": [*refilter, "--out", str(scratch / "refiltered")],
+            # decide now (rows re-decided, the diff), pack later: the decided run's pack stage
+            "refilter-decide": [*refilter, "--out", str(decided), "--no-pack"],
+            "refilter-pack": [sys.executable, "-m", "pipeline", "run", "--stage", "pack", "--run-dir", str(decided),
+                              "--recipe", str(decided / "recipe.yaml")]}
 
 
 def measure(run_dir: Path, names: list[str]) -> list[dict]:
@@ -234,7 +241,7 @@ def main() -> None:
     parser.add_argument("--fragment-rows", type=int, default=64)
     parser.add_argument("--dir", type=Path)
     parser.add_argument("--only", nargs="*", default=["plan", "ledger", "stats", "validate", "sample", "report",
-                                                          "refilter"])
+                                                          "refilter", "refilter-decide", "refilter-pack"])
     args = parser.parse_args()
     if args.command == "pack-io":
         print(json.dumps(pack_io(args.pairs, args.fragment_rows)))
