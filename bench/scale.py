@@ -152,7 +152,7 @@ def pack_io(pairs: int, fragment_rows: int) -> dict:
         plan = plan_shards(read_units(rows_dir, columns=list(PLAN_COLUMNS)), cfg)
         planned = time.perf_counter() - start
         stage = PackStage(cfg, StageContext(seed=0, recipe_hash="bench", run_dir=str(root)), str(rows_dir), str(out))
-        jobs = plan.jobs(skip=set())
+        jobs = plan.jobs(skip=set()).to_pylist()
         stage.write_job(jobs[0])  # warm-up (imports, PIL plugins); its shards are rewritten below
         before, logical, start = _io(), 0, time.perf_counter()
         for job in jobs:

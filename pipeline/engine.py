@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray.data
 from ray.data import ActorPoolStrategy
 
@@ -188,11 +189,11 @@ def run_pack(recipe, ctx: StageContext, run_dir: StorePath) -> tuple[pa.Table, p
                                "(the run dir holds output of other inputs, or was packed by a version that "
                                "planned shards differently?); use a new run dir")
     jobs = plan.jobs(skip=set(committed))
-    if jobs:  # one job per window of the plan: it reads its rows once and writes its shards
-        ds = ray.data.from_items(jobs, override_num_blocks=len(jobs))
+    if jobs.num_rows:  # one job per window of the plan: it reads its rows once and writes its shards
+        ds = ray.data.from_arrow([jobs.take([i]) for i in range(jobs.num_rows)])  # a block per job
         ds = apply_stage(ds, PackStage, recipe.pack, ctx, recipe.resources.pack,
                          rows_dir=str(rows_dir), out_dir=str(out))
-        todo = sum(len(j["shards"]) for j in jobs)
+        todo = pc.sum(pc.list_value_length(jobs["shards"])).as_py()
         for _ in tqdm(ds.iter_rows(), total=todo, desc="pack: shards", unit="shard"):
             pass
     shards = list(committed_shards(out, recipe.pack.prefix).values())

@@ -88,7 +88,7 @@ def test_packing_reads_each_row_group_about_once(run, tmp_path, monkeypatch):
     rows_dir = stage_dir(run, "score")
     stage = PackStage(CFG, StageContext(seed=0, recipe_hash="test", run_dir=str(run)), str(rows_dir), str(tmp_path))
     read = 0
-    for job in plan.jobs(skip=set()):
+    for job in plan.jobs(skip=set()).to_pylist():
         reader = RowReader(rows_dir, job["_fragment"], job["_row"])
         stage.write_job(job, reader)
         read += reader.bytes_read
@@ -103,7 +103,7 @@ def test_packing_reads_each_row_group_about_once(run, tmp_path, monkeypatch):
 def test_shards_are_the_same_bytes_whichever_job_writes_them(run, tmp_path, monkeypatch):
     plan = _plan(run, monkeypatch)
     rows_dir = stage_dir(run, "score")
-    jobs = plan.jobs(skip={"t-000001"})  # committed already: a resumed run skips it
+    jobs = plan.jobs(skip={"t-000001"}).to_pylist()  # committed already: a resumed run skips it
     one_shard_each = [one for job in jobs for one in _split(job)][::-1]  # as other actors, in another order
     digests = []
     for out, todo in ((tmp_path / "a", jobs), (tmp_path / "b", one_shard_each)):

@@ -33,7 +33,7 @@ def corpus(tmp_path_factory):
     stage = PackStage(cfg, StageContext(seed=0, recipe_hash="test", run_dir=str(root)), str(rows_dir),
                       str(root / "shards"))
     (root / "shards").mkdir()
-    for job in plan_shards(read_units(rows_dir, columns=list(PLAN_COLUMNS)), cfg).jobs(skip=set()):
+    for job in plan_shards(read_units(rows_dir, columns=list(PLAN_COLUMNS)), cfg).jobs(skip=set()).to_pylist():
         stage.write_job(job)
     (root / EXPORT_FILE).write_text(json.dumps({"prefix": "v"}))
     return root
