@@ -125,10 +125,8 @@ def engine_run(inputs: list[Path], run_dir: Path, shard_size: int, colocate: boo
     from pipeline.stage_state import completion_records
 
     recipe = parse_recipe({"name": "bench", "commit_rows": 1000, "pack": {"shard_size": shard_size},
-                           # one actor per stage, the source's as in the shipped CPU recipes
-                           "resources": {"source": {"batch_size": 1, "max_actors": 1, "num_cpus": 0.25},
-                                         **{s: {"batch_size": 256, "max_actors": 1, "num_cpus": 0.25}
-                                            for s in ("instruct", "edit", "score")}}})
+                           "resources": {s: {"batch_size": 256, "max_actors": 1, "num_cpus": 0.25}
+                                         for s in ("instruct", "edit", "score")}})
     ctx = StageContext(seed=0, recipe_hash=recipe.hash(), run_dir=str(run_dir))
     units = [{"uri": str(p), "index": i} for i, p in enumerate(inputs)]
     ds = engine.apply_stage(ray.data.from_items(units, override_num_blocks=len(units)), RawSource, None, ctx,
@@ -140,7 +138,7 @@ def engine_run(inputs: list[Path], run_dir: Path, shard_size: int, colocate: boo
         for stage, cls in IDENTITIES.items():
             ds = engine.apply_stage(ds, cls, None, ctx, getattr(recipe.resources, stage))
     root = store_path(run_dir)
-    engine.sink(ds, engine.stage_dir(root, "score"), recipe.commit_rows, recipe.resources.score)
+    engine.sink(ds, engine.stage_dir(root, "score"), recipe.commit_rows)
     rows, shard_of, _ = engine.run_pack(recipe, ctx, root)
     write_ledger(root, engine.stage_dir(root, "score"), rows, shard_of, completion_records(root))
     written = len(units_in(sorted((run_dir / "shards").glob("*.tar")), ".src.jpg"))

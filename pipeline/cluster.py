@@ -49,10 +49,10 @@ def connect(address: str | None = None, run_dir: Path | StorePath | None = None)
     else:  # "local" always starts a new instance, whatever address file another cluster left behind
         # Ray's default object store is 30 % of RAM and Ray Data lets blocks queue in up to half of it, so a
         # fast source reads ahead into shared memory that stays allocated as long as the cluster lives. A few
-        # blocks in flight per core is all streaming needs: 64 MiB a CPU (the default recipe's blocks are
-        # 0.1–8 MB), the same samples/s as 256 MiB a CPU and less memory (bench/README.md, "Engine overhead").
+        # blocks in flight per core is all streaming needs (bench/README.md, "Engine overhead": half this store
+        # cost the identity bench ~12 % of its samples/s for 0.25 GB less; a quarter of it spilled to disk).
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        store = min(max(128 << 20, (os.cpu_count() or 1) * (64 << 20)), int(0.3 * ram))
+        store = min(max(512 << 20, (os.cpu_count() or 1) * (256 << 20)), int(0.3 * ram))
         ray.init(address="local", _node_ip_address=LOOPBACK, include_dashboard=False,
                  object_store_memory=store, logging_level=logging.WARNING,
                  # Ray keeps one idle worker per CPU warm, each ~120 MB once it has run a Ray Data task; the

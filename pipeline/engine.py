@@ -49,26 +49,15 @@ def apply_stage(ds: ray.data.Dataset, cls, cfg, ctx: StageContext, res: Resource
         num_cpus=res.num_cpus, num_gpus=res.num_gpus or None, resources=res.resources or None)
 
 
-class FragmentCommitter:
-    """Commits the last stage's rows as fragments. An actor, not a task per fragment: a Ray worker that ran a
-    Ray Data task keeps ~120 MB (Ray Data, pandas, pyarrow) while idle, and tasks spread over several of
-    them; one committer per pool slot holds that once (bench/README.md, "Engine overhead")."""
-
-    def __init__(self, directory: str):
-        self.directory = store_path(directory)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        path = write_fragment(self.directory, batch)
-        return pa.table({"fragment": [path.name], "rows": [batch.num_rows]})
+def commit_fragments(batch: pa.Table, directory: str) -> pa.Table:
+    path = write_fragment(store_path(directory), batch)
+    return pa.table({"fragment": [path.name], "rows": [batch.num_rows]})
 
 
-def sink(ds: ray.data.Dataset, out: StorePath, rows: int, res: Resources) -> int:
-    """Commit `ds` into `out` in fragments of `rows` rows, with as many committers as the stage that feeds
-    them has actors (`res`: its resources) at most; returns the rows committed."""
+def sink(ds: ray.data.Dataset, out: StorePath, rows: int) -> int:
     out.mkdir(parents=True, exist_ok=True)
-    written = ds.map_batches(FragmentCommitter, fn_constructor_kwargs={"directory": str(out)}, batch_size=rows,
-                             batch_format="pyarrow", num_cpus=0.25,
-                             compute=ActorPoolStrategy(min_size=1, max_size=res.max_actors))
+    written = ds.map_batches(commit_fragments, fn_kwargs={"directory": str(out)}, batch_size=rows,
+                             batch_format="pyarrow", num_cpus=0.25)
     return sum(r["rows"] for r in written.iter_rows())
 
 
@@ -134,7 +123,7 @@ def _chain(recipe, ctx: StageContext, out: StorePath, units: list[dict], weights
         else:
             ds = apply_stage(ds, STAGE_CLASSES[stage], stage_config(recipe, stage), ctx,
                              getattr(recipe.resources, stage), **extra.get(stage, {}))
-    return sink(ds, out, recipe.commit_rows, recipe.resources.score)
+    return sink(ds, out, recipe.commit_rows)
 
 
 def load_fragment_rows(batch: pa.Table) -> pa.Table:
@@ -150,8 +139,7 @@ def run_stage(recipe, ctx: StageContext, run_dir: StorePath, stage: str) -> int:
     out = stage_dir(run_dir, stage)
     done = done_ids(out)
     if stage == "source":
-        written = sink(source_dataset(recipe, ctx, done, plan_units(recipe.input)), out, recipe.commit_rows,
-                       recipe.resources.source)
+        written = sink(source_dataset(recipe, ctx, done, plan_units(recipe.input)), out, recipe.commit_rows)
         finish(run_dir, stage)
         return written
     previous = stage_dir(run_dir, previous_stage(stage))
@@ -167,7 +155,7 @@ def run_stage(recipe, ctx: StageContext, run_dir: StorePath, stage: str) -> int:
         ds = ds.map_batches(load_fragment_rows, batch_size=1, batch_format="pyarrow", num_cpus=0.25)
         ds = apply_stage(ds, STAGE_CLASSES[stage], stage_config(recipe, stage), ctx,
                          getattr(recipe.resources, stage))
-        written = sink(ds, out, recipe.commit_rows, getattr(recipe.resources, stage))
+        written = sink(ds, out, recipe.commit_rows)
     finish(run_dir, stage)
     return written
 
