@@ -58,8 +58,8 @@ class ShardPlan:
         for shard in self.shards:
             if shard["shard"] not in skip:
                 by_window[shard["window"]].append(shard)
-        shards = [s for _, window in sorted(by_window.items()) for s in window]
         per_job = [window for _, window in sorted(by_window.items())]
+        shards = [s for window in per_job for s in window]
         shard_offsets = np.cumsum([0, *map(len, per_job)])
         unit_offsets = np.cumsum([0, *(sum(s["stop"] - s["start"] for s in window) for window in per_job)])
         take = np.concatenate([np.arange(s["start"], s["stop"]) for s in shards] or [np.array([], np.int64)])
