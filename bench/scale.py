@@ -210,8 +210,7 @@ def commands(run_dir: Path, scratch: Path) -> dict[str, list[str]]:
             "refilter": [*refilter, "--out", str(scratch / "refiltered")],
             # decide now (rows re-decided, the diff), pack later: the decided run's pack stage
             "refilter-decide": [*refilter, "--out", str(decided), "--no-pack"],
-            "refilter-pack": [sys.executable, "-m", "pipeline", "run", "--stage", "pack", "--run-dir", str(decided),
-                              "--recipe", str(decided / "recipe.yaml")]}
+            "refilter-pack": [sys.executable, "-m", "pipeline", "run", "--stage", "pack", "--run-dir", str(decided)]}
 
 
 def measure(run_dir: Path, names: list[str]) -> list[dict]:

@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the pipeline (fused) or one stage")
-    run.add_argument("--recipe", required=True, help="recipe YAML path or shipped recipe name")
+    run.add_argument("--recipe", help="recipe YAML path or shipped recipe name (default: the one the run dir "
+                                      "records, to resume a run or run its next stage)")
     run.add_argument("--run-dir", required=True, help="a folder (shared by every node of a cluster) or an object "
                                                       "store prefix, e.g. s3://bucket/runs/x (AWS_* from the env)")
     run.add_argument("--stage", choices=STAGES, help="run only this stage (default: all, fused)")

@@ -33,7 +33,7 @@ from manifests.schema import LIVE, REJECTED, ROW_SCHEMA
 from manifests.storage import StorePath, read_parquet, store_path
 from pipeline.cluster import connect
 from pipeline.recipe import Recipe, RecipeError, load_recipe, resolve_path
-from pipeline.run import RECIPE_FILE, open_run_dir, pack_corpus, prepare_run_dir
+from pipeline.run import RECIPE_FILE, open_run_dir, pack_corpus, prepare_run_dir, recorded_recipe
 from pipeline.stage_state import finish, stage_dir
 from stages.base import MESSAGE_CHARS, StageContext
 from stages.score import ABSENT_KEY, HEURISTIC_SCORES, SCORERS, ScoreStage, policy_verdict, thresholds_json, verdict
@@ -63,20 +63,18 @@ def refilter(run_dir: str, recipe_spec: str, out_dir: str, address: str | None =
         pack_corpus(recipe, ctx, out, "refilter", start)
     else:
         print(f"[x2edit] re-decided in {time.perf_counter() - start:.1f} s, not packed. Shards, ledger and reports "
-              f"(on a cluster too, as a Ray job): python -m pipeline run --stage pack --run-dir {out} "
-              f"--recipe {out / 'recipe.yaml'}" + ("" if out.bucket() is None else " (a local copy of it)"))
+              f"(on a cluster too, as a Ray job): python -m pipeline run --stage pack --run-dir {out}")
     return diff
 
 
 def _merged_recipe(source: StorePath, recipe_spec: str, out: StorePath) -> Recipe:
     """The finished run's recipe with the other recipe's rules: what the new corpus was made with."""
-    recorded = source / RECIPE_FILE
-    if not recorded.exists() or not read_completion(stage_dir(source, "score")):
+    original = recorded_recipe(source)
+    if original is None or not read_completion(stage_dir(source, "score")):
         raise RecipeError(f"{source}: not a finished run (needs {RECIPE_FILE} and a completed score stage, "
                           "stages/score/COMPLETE.json); finish it with `python -m pipeline run` first")
     if out == source:
         raise RecipeError(f"--out {out} is the run being re-filtered; give a new run dir")
-    original = Recipe.model_validate(json.loads(recorded.read_text())["recipe"])
     other = load_recipe(recipe_spec)
     ignored = sorted(set(other.score.scorers) ^ set(original.score.scorers))
     if ignored:

@@ -58,13 +58,19 @@ def _log_invocation(run_dir: StorePath, what: str, wall: float) -> list[dict]:
     return walls
 
 
-def check_inputs(recipe: Recipe, recipe_spec: str) -> None:
+def check_inputs(recipe: Recipe, origin: str) -> None:
     """Plan the input before anything is created or started, so a wrong path is one line, not a traceback
     after Ray has started and a half-made run dir."""
     try:
         plan_units(recipe.input)
     except (ValueError, OSError) as e:
-        raise RecipeError(f"{resolve_path(recipe_spec)}: input.paths: {e}") from None
+        raise RecipeError(f"{origin}: input.paths: {e}") from None
+
+
+def recorded_recipe(run_dir: StorePath) -> Recipe | None:
+    """The recipe a run dir was started with (its RECIPE_FILE), None for a run dir that records none."""
+    recorded = run_dir / RECIPE_FILE
+    return Recipe.model_validate(json.loads(recorded.read_text())["recipe"]) if recorded.exists() else None
 
 
 def open_run_dir(run_dir: str, option: str = "--run-dir") -> StorePath:
@@ -80,18 +86,25 @@ def open_run_dir(run_dir: str, option: str = "--run-dir") -> StorePath:
                       "uses (AWS_ENDPOINT_URL or the store's default); create it first")
 
 
-def run(recipe_spec: str, run_dir: str, stage: str | None = None, address: str | None = None) -> dict | None:
-    """The fused run (stage None) or one stage; returns the run report once the corpus is packed."""
+def run(recipe_spec: str | None, run_dir: str, stage: str | None = None, address: str | None = None) -> dict | None:
+    """The fused run (stage None) or one stage; returns the run report once the corpus is packed. Without a
+    recipe, the one the run dir records (to resume a run or run its next stage)."""
     root = open_run_dir(run_dir)
-    recipe = load_recipe(recipe_spec)
+    if recipe_spec is None:
+        if (recipe := recorded_recipe(root)) is None:
+            raise RecipeError(f"--recipe is needed: {root} records no recipe ({RECIPE_FILE}) to go on with")
+        origin = str(root / RECIPE_FILE)
+    else:
+        recipe, origin = load_recipe(recipe_spec), str(resolve_path(recipe_spec))
     if stage == "instruct" and recipe.instruct.balance.mode == "closed_loop":
-        raise RecipeError(f"{resolve_path(recipe_spec)}: instruct.balance.mode: closed_loop needs the fused run "
+        raise RecipeError(f"{origin}: instruct.balance.mode: closed_loop needs the fused run "
                           "(each window's task weights come from the scored pairs of the earlier windows); run "
                           "without --stage, or use open_loop for per-stage jobs")
     if stage in (None, "source"):
-        check_inputs(recipe, recipe_spec)
+        check_inputs(recipe, origin)
     else:
-        check_ready(root, stage, f"python -m pipeline run --recipe {recipe_spec} --stage {{stage}} --run-dir {root}")
+        named = f" --recipe {recipe_spec}" if recipe_spec else ""
+        check_ready(root, stage, f"python -m pipeline run{named} --stage {{stage}} --run-dir {root}")
     prepare_run_dir(recipe, root)
     connect(address, root)  # before Ray is imported anywhere: an embedded cluster's settings are read at import
     from pipeline import engine

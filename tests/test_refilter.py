@@ -45,7 +45,7 @@ def test_tighter_policy_gives_a_subset_and_the_original_policy_brings_it_back(de
     diff = refilter(str(default_run), _recipe(tmp_path, "tight", _tighter), str(tight), address, pack=False)
     assert json.loads((tight / "refilter.json").read_text()) == diff  # decided, not packed: no shard, no ledger
     assert not (tight / "ledger.parquet").exists() and not list(tight.glob("shards/*.tar"))
-    run(str(tight / "recipe.yaml"), str(tight), "pack", address)  # the pack, later, as for any run
+    run(None, str(tight), "pack", address)  # the pack, later, with the recipe the run dir records
 
     before, after = _accepted(default_run), _accepted(tight)
     assert after < before, "a tighter policy keeps a strict subset"

@@ -49,6 +49,16 @@ def test_a_stage_without_its_predecessor_is_refused_before_ray_starts(tmp_path):
     assert "Ray:" not in done.stdout and not run_dir.exists()
 
 
+def test_without_a_recipe_the_run_dir_must_record_one(tmp_path):
+    """`--recipe` may be left out to go on with a run dir's own recipe (tests/test_refilter.py packs that way);
+    a run dir that records none is refused in one line, before Ray starts or anything is written."""
+    run_dir = tmp_path / "run"
+    done = _cli("--stage", "pack", "--run-dir", str(run_dir))
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "Ray:" not in done.stdout
+    assert done.stderr == f"error: --recipe is needed: {run_dir} records no recipe (recipe.json) to go on with\n"
+    assert not run_dir.exists()
+
+
 def _tar(path: Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     tarfile.open(path, "w").close()
