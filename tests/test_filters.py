@@ -7,7 +7,7 @@ import tracemalloc
 import cv2
 import numpy as np
 
-from filters.heuristics import EDIT_SCORES, IMAGE_SCORES, edit_scores, image_scores, quality_score
+from filters.heuristics import EDIT_SCORES, IMAGE_SCORES, _mean, _mean_reference, edit_scores, image_scores, quality_score
 from filters.policy import Rule
 from manifests.images import decode_image, encode_jpeg, encode_mask
 from manifests.rejected import Rejected
@@ -65,6 +65,22 @@ def test_scores_rank_images_sensibly():
     scores = edit_scores(image, image, mask)
     assert scores["change_global"] == scores["change_inside"] == 0.0
     assert abs(scores["mask_area"] - mask.mean()) < 1e-9
+
+
+def test_the_mean_is_the_same_bits_wherever_the_values_lie_and_equals_its_reference():
+    """A score must not depend on the process that computed it (a resumed run's pair json equals the
+    uninterrupted run's): the same values at every memory offset give the same mean, equal to the naive one."""
+    rng = np.random.default_rng(0)
+    for dtype, size in ((np.float32, 1000), (np.float64, 4097), (np.float32, 63), (np.uint8, 777),
+                        (np.float32, 512 * 512 + 3)):  # larger than numpy's casting buffers
+        values = (rng.normal(size=size) * 100).astype(dtype)
+        means = set()
+        for offset in range(8):
+            buffer = np.zeros(size + 8, dtype)
+            buffer[offset:offset + size] = values
+            means.add(_mean(buffer[offset:offset + size]))
+        assert means == {_mean_reference(values)}
+    assert _mean(np.zeros(0)) == 0.0
 
 
 def test_the_heuristic_score_names_are_the_computed_ones():
