@@ -12,7 +12,7 @@ _ANALYSIS_SIDE = 512  # scores are computed at a fixed scale so thresholds mean 
 _DETAIL_FLOOR = 0.25
 
 
-_LANES = 64
+_LANES = 64  # `_mean` keeps this many running sums, one per column of the values laid out in rows
 
 
 def _mean(values: np.ndarray) -> float:
