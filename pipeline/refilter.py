@@ -123,7 +123,8 @@ def _redecide(source: StorePath, out: StorePath, recipe: Recipe) -> pa.Table:
             for part in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 parts.append(part)
                 bar.update(len(pc.unique(part["group"])))
-    table = pa.concat_tables(parts).unify_dictionaries() if parts else _decisions(ROW_SCHEMA.empty_table(), 0, None)
+    empty = ROW_SCHEMA.empty_table()
+    table = pa.concat_tables(parts).unify_dictionaries() if parts else _decisions(empty, 0, empty)
     del parts  # the tasks' blocks, in the order they finished: put back in fragment-name order, deduplicated
     table = table.take(pc.sort_indices(table, [("group", "ascending"), ("row", "ascending")]))
     first = first_occurrences(table["unit_id"])
@@ -142,13 +143,13 @@ def redecide_group(batch: pa.Table, out: str, recipe: Recipe) -> pa.Table:
     return _decisions(decided, batch.column("group")[0].as_py(), table)
 
 
-def _decisions(after: pa.Table, group: int, before: pa.Table | None) -> pa.Table:
+def _decisions(after: pa.Table, group: int, before: pa.Table) -> pa.Table:
     """Per row: where it lies (group, row), unit id, task, and its decision after and before (a reason;
     accepted: live)."""
     columns = {"group": pa.array(np.full(after.num_rows, group, np.int32)),
                "row": pa.array(np.arange(after.num_rows, dtype=np.int32)),
                "unit_id": after["unit_id"], "task": pc.dictionary_encode(after["task"])}  # labels: 4 B a row
-    for suffix, rows in (("", after), ("_before", after if before is None else before)):
+    for suffix, rows in (("", after), ("_before", before)):
         columns.update({f"reason{suffix}": pc.dictionary_encode(rows["reason"]),
                         f"accepted{suffix}": pc.equal(rows["status"], LIVE)})
     return pa.table(columns)
